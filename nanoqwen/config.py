@@ -1,0 +1,201 @@
+"""Model configuration with the HF `config.json` field names, plus presets for every released Qwen3 model and small ones.
+
+A released checkpoint's config.json loads with no translation table: unknown keys are ignored, missing keys take the
+defaults transformers uses for that `model_type`. Both the original names (`rope_theta`, `rope_scaling`, `num_experts`)
+and the transformers-v5 names (`rope_parameters`, `num_local_experts`, `dtype`) are read; the original names are written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Qwen3Config:
+    model_type: str = "qwen3"
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 22016
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = 128  # None means hidden_size // num_attention_heads (the MoE config's default)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 28
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+    # MoE (model_type "qwen3_moe"); num_experts == 0 means a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 8
+    moe_intermediate_size: int = 768
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Qwen3 uses 'silu')")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in ("default", "yarn"):
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (use 'yarn' or none)")
+
+    # --- derived facts ---
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """Layer i uses MoE iff not in mlp_only_layers and (i+1) % decoder_sparse_step == 0 (as transformers)."""
+        return (self.num_experts > 0 and layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0)
+
+    # --- HF config.json in and out ---
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen3Config":
+        d = dict(d)
+        model_type = d.get("model_type", "qwen3")
+        base = dict(_MOE_DEFAULTS) if model_type == "qwen3_moe" else {}
+        if "num_local_experts" in d and "num_experts" not in d:
+            d["num_experts"] = d["num_local_experts"]
+        if "dtype" in d and "torch_dtype" not in d:
+            d["torch_dtype"] = d["dtype"]
+        rope_parameters = d.get("rope_parameters")
+        if isinstance(rope_parameters, dict):  # transformers v5 keeps theta and scaling in one dict
+            d.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+            if rope_parameters.get("rope_type", "default") != "default" and not d.get("rope_scaling"):
+                d["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        base.update({k: v for k, v in d.items() if k in names})
+        return cls(**base)
+
+    @classmethod
+    def from_json(cls, path: str) -> "Qwen3Config":
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        moe = self.is_moe
+        d["architectures"] = ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"]
+        d["model_type"] = "qwen3_moe" if moe else "qwen3"
+        if not moe:
+            for k in _MOE_ONLY_FIELDS:
+                d.pop(k, None)
+        return d
+
+    def save(self, directory: str) -> None:
+        from .checkpoint import atomic_write  # local import: checkpoint imports config
+        atomic_write(os.path.join(directory, "config.json"),
+                     (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+
+    # --- sizes ---
+    def num_parameters(self, active_only: bool = False) -> int:
+        """Parameter count from the shapes alone (embeddings included, tied lm_head counted once)."""
+        H, hd = self.hidden_size, self.head_dim
+        attn = H * hd * (self.num_attention_heads * 2 + self.num_key_value_heads * 2) + 2 * hd
+        total = self.vocab_size * H * (1 if self.tie_word_embeddings else 2) + H
+        for i in range(self.num_hidden_layers):
+            if self.is_sparse_layer(i):
+                experts = self.num_experts_per_tok if active_only else self.num_experts
+                mlp = H * self.num_experts + experts * 3 * H * self.moe_intermediate_size
+            else:
+                mlp = 3 * H * self.intermediate_size
+            total += attn + mlp + 2 * H
+        return total
+
+
+# Defaults transformers' Qwen3MoeConfig uses where a qwen3_moe config.json leaves a key out.
+_MOE_DEFAULTS = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=32,
+                     num_key_value_heads=4, head_dim=None, num_experts=128, num_experts_per_tok=8,
+                     moe_intermediate_size=768, norm_topk_prob=False, decoder_sparse_step=1,
+                     router_aux_loss_coef=0.001)
+
+_MOE_ONLY_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits")
+
+# Released models: the config.json values (Qwen3 Technical Report tables 1-2 and the model cards).
+_RELEASED_COMMON = dict(head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=40960, vocab_size=151936,
+                        rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
+_RELEASED = {
+    "Qwen3-0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8),
+    "Qwen3-14B": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=8),
+    "Qwen3-32B": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                      num_key_value_heads=8),
+    "Qwen3-30B-A3B": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, num_experts=128, num_experts_per_tok=8,
+                          moe_intermediate_size=768, norm_topk_prob=True),
+    "Qwen3-235B-A22B": dict(model_type="qwen3_moe", hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
+                            num_attention_heads=64, num_key_value_heads=4, num_experts=128, num_experts_per_tok=8,
+                            moe_intermediate_size=1536, norm_topk_prob=True),
+}
+
+
+def small_config(depth: int, vocab_size: int = 8192, moe: bool = False, max_position_embeddings: int = 4096) -> Qwen3Config:
+    """Laptop-sized Qwen3 shapes from one knob (as nanochat): width 64*depth, head_dim 64, GQA 2:1, SwiGLU 3x.
+
+    The MoE variant keeps the active FFN size of the dense one: 8 experts, top-2, each 1.5x hidden, so the two can be
+    compared at equal active parameters."""
+    hidden = 64 * depth
+    heads = max(2, hidden // 64)
+    cfg = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=depth,
+               num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=64, rope_theta=10000.0,
+               max_position_embeddings=max_position_embeddings, tie_word_embeddings=True, torch_dtype="float32")
+    if moe:
+        cfg.update(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=hidden * 3 // 2,
+                   norm_topk_prob=True)
+    return Qwen3Config(**cfg)
+
+
+SMALL_PRESETS = {f"nano-d{d}": dict(depth=d) for d in (2, 4, 6, 8, 12)} | \
+                {f"nano-moe-d{d}": dict(depth=d, moe=True) for d in (2, 4, 8)}
+PRESETS = sorted(_RELEASED) + sorted(SMALL_PRESETS)
+
+
+def get_preset(name: str, **overrides) -> Qwen3Config:
+    """A named preset (released model or small), with field overrides (e.g. vocab_size for a trained tokenizer)."""
+    if name in _RELEASED:
+        return Qwen3Config(**(_RELEASED_COMMON | _RELEASED[name] | overrides))
+    if name in SMALL_PRESETS:
+        cfg = small_config(**SMALL_PRESETS[name])
+        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+    raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")

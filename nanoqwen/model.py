@@ -1,0 +1,438 @@
+"""The Qwen3 model family, dense and MoE, in one file.
+
+Module and attribute names mirror the HF checkpoint (`model.layers.N.self_attn.q_proj`, `mlp.gate`, ...) so weights
+load by name; the only reshaping is the MoE experts, stored stacked here (see checkpoint.py). The model knows nothing
+of distribution: parallelism, compilation and activation checkpointing are applied from outside.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Qwen3Config
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None = None  # (batch, seq, vocab); None when only the loss was asked for
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (unscaled)
+    router_logits: tuple | None = None  # per MoE layer, (batch*seq, num_experts)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, cast back to the input dtype before the weight multiply (as Qwen does)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embedding: default and YaRN
+
+def rope_parameters(config: Qwen3Config) -> tuple[torch.Tensor, float]:
+    """inv_freq (head_dim/2,) and the attention factor that multiplies cos and sin.
+
+    Computed in fp32 in the same order as the reference implementation: at 100K positions a one-ulp difference in
+    inv_freq would already move the phase by ~5e-3 rad, so "more exact" fp64 would not run real checkpoints exactly."""
+    dim, base = config.head_dim, config.rope_theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) != "yarn":
+        return 1.0 / pos_freqs, 1.0
+    factor = float(scaling["factor"])
+    original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32.0, scaling.get("beta_slow") or 1.0
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    def correction_dim(rotations):  # the dimension whose wavelength makes `rotations` turns over the original length
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # keep = 1: high-frequency dims keep their frequency (extrapolate); keep = 0: low-frequency dims are divided by
+    # factor (interpolate). Written as 1 - (1 - ramp) on purpose: the same fp32 rounding as the reference.
+    keep = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return inv_freq, float(attention_factor)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention with an optional static KV cache
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, written in place at the given slots (static shapes, as gpt-fast)."""
+
+    def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        H, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(H, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, H, bias=bias)
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # per head, one weight shared by all heads
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_slots=None, kv_len=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))  # QK-norm comes before RoPE
+        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(cache_slots, k, v)
+            if kv_len is not None:  # attend only to the filled prefix (the CPU path; CUDA graphs use the full buffer)
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feed-forward: SwiGLU, and the dropless mixture of experts
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert (counts[e] rows for expert e) times weight[e].T: one grouped GEMM, no expert loop."""
+    if _GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=ends)
+    # fallback (e.g. fp32 on GPU): one matmul per expert that received tokens
+    out, start = x.new_empty(x.shape[0], weight.shape[1]), 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            out[start:start + n] = x[start:start + n] @ weight[e].T
+            start += n
+    return out
+
+
+_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+class Experts(nn.Module):
+    """All experts of one layer stacked into one tensor per projection (gate and up fused)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, expert_idx: torch.Tensor, expert_weight: torch.Tensor) -> torch.Tensor:
+        N, k = expert_idx.shape
+        flat = expert_idx.reshape(-1)
+        order = flat.argsort(stable=True)  # group the N*k (token, expert) pairs by expert
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        ends = counts.cumsum(0).to(torch.int32)
+        token = order // k
+        h = grouped_matmul(x[token], self.gate_up_proj, counts, ends)
+        gate, up = h.chunk(2, dim=-1)
+        y = grouped_matmul(F.silu(gate) * up, self.down_proj, counts, ends)
+        y = y * expert_weight.reshape(-1)[order, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        router_logits = self.gate(x)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)  # over all experts, in fp32
+        weight, idx = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        return self.experts(x, idx, weight.to(x.dtype)).view(shape), router_logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_sparse = config.is_sparse_layer(layer_idx)
+        self.mlp = SparseMoE(config) if self.is_sparse else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_slots=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_slots, kv_len)
+        y = self.mlp(self.post_attention_layernorm(x))
+        router_logits = None
+        if self.is_sparse:
+            y, router_logits = y
+        return x + y, router_logits
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Qwen3 (dense) and Qwen3-MoE causal LM. `model(input_ids)` returns a CausalLMOutput with `.logits`."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        inv_freq, self.attention_factor = rope_parameters(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    # --- construction helpers ---
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms (as transformers); rebuilds the RoPE buffer."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def _apply(self, fn, recurse=True):
+        # .to(bf16) and friends would round the RoPE frequencies too: re-derive them in fp32 on the new device
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_parameters(self.config)[0].to(self.inv_freq.device)
+        return self
+
+    def make_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> nn.ModuleList:
+        """One KVCache per layer for `batch_size` rows of up to `max_len` tokens."""
+        c, p = self.config, self.lm_head.weight
+        return nn.ModuleList(KVCache(batch_size, max_len, c.num_key_value_heads, c.head_dim,
+                                     dtype or p.dtype, device or p.device) for _ in range(c.num_hidden_layers))
+
+    # --- forward ---
+    def rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of shape (batch, seq, 1, head_dim), computed in fp32 then cast."""
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None, document_ids=None,
+                cache=None, cache_position=None, labels=None, logits_to_keep: int = 0,
+                output_router_logits: bool | None = None, expert_counter=None) -> CausalLMOutput:
+        """
+        input_ids (B, T). Optional:
+        - attention_mask (B, S): 1 for real tokens, 0 for padding, over all S key positions (cache prefix included).
+        - document_ids (B, T): packed training sequences; attention never crosses a document, positions restart.
+        - cache (from make_cache) with cache_position (T,): the slots these tokens are written to. With a cache, the
+          keys attended are the first S = attention_mask.shape[1] slots (or the whole cache without a mask).
+        - labels (B, T): next-token targets as transformers (shifted inside, -100 ignored); returns the loss and no
+          logits, computed chunk by chunk without materialising fp32 logits for the whole vocabulary.
+        - logits_to_keep: compute logits for the last k positions only (0: all).
+        """
+        B, T = input_ids.shape
+        if cache_position is None:
+            cache_position = torch.arange(T, device=input_ids.device)
+        if position_ids is None:
+            position_ids = _document_positions(document_ids) if document_ids is not None else \
+                cache_position[None].expand(B, T)
+        mask = _attention_mask(cache_position, attention_mask, document_ids, cache)
+        kv_len = attention_mask.shape[1] if (cache is not None and attention_mask is not None) else None
+
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, x.dtype)
+        router_logits = []
+        for i, layer in enumerate(self.model.layers):
+            x, r = layer(x, cos, sin, mask, cache[i] if cache is not None else None, cache_position, kv_len)
+            if r is not None:
+                router_logits.append(r)
+        x = self.model.norm(x)
+
+        out = CausalLMOutput()
+        want_router = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        if labels is not None:
+            out.loss = causal_lm_loss(x, self.lm_head.weight, labels)
+            if router_logits and (want_router or self.training):
+                valid = attention_mask[:, -T:].reshape(-1).bool() if attention_mask is not None else None
+                out.aux_loss = load_balancing_loss(router_logits, self.config.num_experts,
+                                                   self.config.num_experts_per_tok, valid, expert_counter)
+                out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+        else:
+            out.logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        if want_router:
+            out.router_logits = tuple(router_logits)
+        return out
+
+
+def _document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its document, for packed rows of several documents."""
+    B, T = document_ids.shape
+    idx = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+def _attention_mask(cache_position, attention_mask, document_ids, cache):
+    """Boolean (B, 1, T, S) mask, or None for the plain causal case (then SDPA uses its fused causal kernels)."""
+    if attention_mask is None and document_ids is None and cache is None:
+        return None
+    if document_ids is not None:
+        same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+        causal = torch.ones(same_doc.shape[-2:], dtype=torch.bool, device=same_doc.device).tril()
+        mask = same_doc & causal
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, :]
+        return mask[:, None]
+    S = attention_mask.shape[1] if attention_mask is not None else cache[0].k.shape[2]
+    key = torch.arange(S, device=cache_position.device)
+    mask = (key[None, :] <= cache_position[:, None])[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    # every query may see itself, so padding rows never softmax over nothing (that would give NaN)
+    return mask | (key[None, :] == cache_position[:, None])[None, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096):
+    """Mean next-token cross-entropy over labels != -100, from the final hidden states and the lm_head weight.
+
+    Works in row chunks: each chunk's logits live only inside `_ChunkedLinearCrossEntropy`, which returns the loss
+    and keeps the gradient, so the full (tokens, vocab) fp32 logits never exist."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # shift: position t predicts token t+1
+    return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Fused lm_head + cross-entropy: the forward pass also computes the gradients, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        n_valid = (targets != -100).sum().clamp(min=1)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = (h @ weight.T).float()
+            valid = t != -100
+            safe_t = torch.where(valid, t, torch.zeros_like(t))
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, safe_t[:, None])[:, 0]) * valid).sum()
+            if need_grad:
+                g = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - onehot, for valid rows
+                g[torch.arange(len(t), device=t.device), safe_t] -= 1
+                g = (g * (valid[:, None] / n_valid)).to(hidden.dtype)
+                grad_hidden[start:start + chunk_size] = g @ weight
+                grad_weight += (g.T @ h).float()
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+class ExpertCounter:
+    """Expert-selection counts of one global batch, for the global-batch load-balancing loss.
+
+    Counts (and token totals) are all-reduced over the data-parallel group and accumulated over the gradient
+    accumulation micro-batches of one optimizer step; call reset() after each step. The router probabilities are
+    not shared: they stay local and carry the gradient."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.reset()
+
+    def reset(self):
+        self.counts, self.tokens = None, 0.0
+
+    def add(self, counts: torch.Tensor, tokens: torch.Tensor):
+        counts, tokens = counts.detach().clone(), tokens.detach().float().clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts, group=self.group)
+            torch.distributed.all_reduce(tokens, group=self.group)
+        self.counts = counts if self.counts is None else self.counts + counts
+        self.tokens = self.tokens + tokens
+        return self.counts, self.tokens
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, valid=None, counter: ExpertCounter | None = None):
+    """E * sum_{k,e} f[k,e] * P[e] over the router logits of all MoE layers (transformers' formula; k when balanced).
+
+    f[k,e]: fraction of tokens whose k-th choice is expert e (no gradient; global over the batch when a counter is
+    given). P[e]: mean router probability of expert e over the local tokens (carries the gradient).
+    `valid` (tokens,) marks real tokens; it is repeated for every layer."""
+    logits = torch.cat(list(router_logits), dim=0) if isinstance(router_logits, (list, tuple)) else router_logits
+    probs = F.softmax(logits.float(), dim=-1)
+    selected = probs.topk(top_k, dim=-1).indices
+    one_hot = F.one_hot(selected, num_experts).float()  # (tokens, k, E)
+    if valid is not None:
+        keep = valid.repeat(logits.shape[0] // valid.shape[0]).to(probs.device)
+        probs, one_hot = probs[keep], one_hot[keep]
+    counts, tokens = one_hot.sum(0), torch.tensor(float(one_hot.shape[0]), device=probs.device)
+    if counter is not None:
+        counts, tokens = counter.add(counts, tokens)
+    fraction = counts / tokens.clamp(min=1)
+    return num_experts * (fraction * probs.mean(0)[None]).sum()

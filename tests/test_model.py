@@ -1,0 +1,366 @@
+"""The model family against transformers' Qwen3ForCausalLM / Qwen3MoeForCausalLM (an independent implementation)."""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import nanoqwen
+from nanoqwen.config import PRESETS, Qwen3Config, get_preset
+from nanoqwen.model import load_balancing_loss
+
+TOL = 1e-4
+
+DENSE = {
+    "untied": dict(tie_word_embeddings=False),
+    "tied": dict(tie_word_embeddings=True),
+    "head_dim_independent": dict(head_dim=40, num_attention_heads=6, num_key_value_heads=2),
+    "mqa_nkv1": dict(num_key_value_heads=1),
+    "mha_nkv_eq_nh": dict(num_key_value_heads=4),
+}
+MOE = {
+    "norm_topk": dict(norm_topk_prob=True),
+    "no_norm_topk": dict(norm_topk_prob=False),
+    "mlp_only_layers": dict(mlp_only_layers=[1], norm_topk_prob=True),
+    "sparse_step_2": dict(decoder_sparse_step=2, num_hidden_layers=4),
+}
+
+
+def tiny_config(moe=False, **overrides):
+    cfg = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=24, rope_theta=10000.0, max_position_embeddings=512,
+               tie_word_embeddings=False)
+    if moe:
+        cfg.update(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32)
+    cfg.update(overrides)
+    return cfg
+
+
+def hf_model(cfg: dict, moe: bool):
+    cls_cfg = transformers.Qwen3MoeConfig if moe else transformers.Qwen3Config
+    cls = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
+    torch.manual_seed(0)
+    model = cls(cls_cfg(**cfg)).eval()
+    with torch.no_grad():  # transformers initialises norms to ones and the router to zeros: perturb so they matter
+        for name, p in model.named_parameters():
+            if "norm" in name or "mlp.gate" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("moe,overrides", [(False, v) for v in DENSE.values()] + [(True, v) for v in MOE.values()],
+                         ids=[f"dense-{k}" for k in DENSE] + [f"moe-{k}" for k in MOE])
+def test_logits_match_transformers_both_directions(tmp_path, moe, overrides):
+    cfg = tiny_config(moe, **overrides)
+    ref = hf_model(cfg, moe)
+    ref.save_pretrained(tmp_path / "hf")
+    ours = nanoqwen.load_model(str(tmp_path / "hf")).eval()
+    assert ours.config.is_moe == moe
+    x = torch.randint(0, cfg["vocab_size"], (2, 33))
+    with torch.no_grad():
+        expected = ref(x).logits
+        assert max_diff(ours(x).logits, expected) <= TOL
+
+    # and back: our save loads into transformers unchanged
+    nanoqwen.save_model(ours, str(tmp_path / "ours"))
+    cls = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
+    again = cls.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert max_diff(again(x).logits, expected) <= TOL
+
+
+def test_moe_layer_placement_follows_config():
+    c = Qwen3Config(**tiny_config(True, decoder_sparse_step=2, num_hidden_layers=4, mlp_only_layers=[3]))
+    assert [c.is_sparse_layer(i) for i in range(4)] == [False, True, False, False]
+
+
+def test_yarn_matches_transformers_past_original_length(tmp_path):
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = tiny_config(False, rope_scaling=yarn, max_position_embeddings=256, rope_theta=1e6)
+    ref = hf_model(cfg, False)
+    ref.save_pretrained(tmp_path)
+    ours = nanoqwen.load_model(str(tmp_path)).eval()
+    assert ours.config.rope_scaling["factor"] == 4.0
+    x = torch.randint(0, cfg["vocab_size"], (1, 240))  # well past the original 64 positions
+    with torch.no_grad():
+        assert max_diff(ours(x).logits, ref(x).logits) <= TOL
+
+
+def test_yarn_parameters_for_qwen3_recipe():
+    # The spec's numbers for theta 1e6, head_dim 128, original 32768, factor 4: ramp 23..40, attention factor 1.1386
+    from nanoqwen.model import rope_parameters
+    cfg = get_preset("Qwen3-8B", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 32768},
+                     max_position_embeddings=131072)
+    inv_freq, attention_factor = rope_parameters(cfg)
+    base = 1.0 / (1e6 ** (torch.arange(0, 128, 2).float() / 128))
+    assert abs(attention_factor - 1.1386294) < 1e-6
+    assert torch.equal(inv_freq[:24], base[:24])  # up to low (23, where the ramp is 0): unchanged
+    assert torch.allclose(inv_freq[40:], base[40:] / 4)  # from high (40) on: interpolated by the factor
+    assert (inv_freq[24:40] < base[24:40]).all() and (inv_freq[24:40] > base[24:40] / 4).all()
+
+
+def test_padding_mask_matches_transformers(tmp_path):
+    cfg = tiny_config(True, norm_topk_prob=True)
+    ref = hf_model(cfg, True)
+    ref.save_pretrained(tmp_path)
+    ours = nanoqwen.load_model(str(tmp_path)).eval()
+    x = torch.randint(0, cfg["vocab_size"], (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, :7] = 0  # left padding
+    mask[2, :15] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = ours(x, attention_mask=mask, position_ids=positions).logits
+        b = ref(x, attention_mask=mask, position_ids=positions).logits
+    real = mask.bool()
+    assert max_diff(a[real], b[real]) <= TOL
+    # and a padded row equals the same tokens alone
+    with torch.no_grad():
+        alone = ours(x[1:2, 7:]).logits
+    assert max_diff(a[1, 7:], alone[0]) <= TOL
+
+
+def test_packed_documents_do_not_attend_across_boundaries():
+    torch.manual_seed(0)
+    model = nanoqwen.load_model("nano-d2").eval()
+    a, b = torch.randint(0, 500, (1, 11)), torch.randint(0, 500, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    docs = torch.tensor([[0] * 11 + [1] * 9])
+    with torch.no_grad():
+        out = model(packed, document_ids=docs).logits
+        assert max_diff(out[:, :11], model(a).logits) <= TOL
+        assert max_diff(out[:, 11:], model(b).logits) <= TOL
+
+
+def test_cached_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    for preset in ("nano-d2", "nano-moe-d2"):
+        model = nanoqwen.load_model(preset).eval()
+        x = torch.randint(0, 500, (2, 24))
+        cache = model.make_cache(2, 64)
+        with torch.no_grad():
+            full = model(x).logits
+            steps = [model(x[:, :16], cache=cache, cache_position=torch.arange(16),
+                           attention_mask=torch.ones(2, 16)).logits]
+            for t in range(16, 24):
+                steps.append(model(x[:, t:t + 1], cache=cache, cache_position=torch.tensor([t]),
+                                   attention_mask=torch.ones(2, t + 1)).logits)
+        assert max_diff(torch.cat(steps, dim=1), full) <= TOL, preset
+
+
+def test_loss_and_gradients_match_transformers(tmp_path):
+    cfg = tiny_config(True, norm_topk_prob=True, router_aux_loss_coef=0.01)
+    ref = hf_model(cfg, True).train()
+    ref.save_pretrained(tmp_path)
+    ours = nanoqwen.load_model(str(tmp_path)).train()
+    x = torch.randint(0, cfg["vocab_size"], (2, 17))
+    labels = x.clone()
+    labels[0, :5] = -100
+    r = ref(x, labels=labels, output_router_logits=True)
+    o = ours(x, labels=labels)
+    assert abs(o.loss.item() - r.loss.item()) <= TOL
+    assert abs(o.aux_loss.item() - r.aux_loss.item()) <= TOL
+    r.loss.backward()
+    o.loss.backward()
+    g_ref = dict(ref.named_parameters())
+    for name in ["lm_head.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                 "model.layers.2.mlp.gate.weight"]:
+        assert max_diff(dict(ours.named_parameters())[name].grad, g_ref[name].grad) <= 1e-5, name
+    ours_gu = ours.model.layers[1].mlp.experts.gate_up_proj.grad
+    assert max_diff(ours_gu, g_ref["model.layers.1.mlp.experts.gate_up_proj"].grad) <= 1e-5
+
+
+def test_fused_cross_entropy_equals_plain(tmp_path):
+    torch.manual_seed(0)
+    model = nanoqwen.load_model("nano-d2")
+    x = torch.randint(0, 8192, (2, 40))
+    loss = model(x, labels=x).loss
+    logits = model(x).logits
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 8192), x[:, 1:].reshape(-1))
+    assert abs(loss.item() - plain.item()) < 1e-5
+    from nanoqwen.model import causal_lm_loss
+    hidden = torch.randn(80, 128, requires_grad=True)
+    weight = torch.randn(300, 128, requires_grad=True)
+    labels = torch.randint(0, 300, (1, 80))
+    labels[0, ::7] = -100
+    causal_lm_loss(hidden[None], weight, labels, chunk_size=16).backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    torch.nn.functional.cross_entropy((hidden @ weight.T)[:-1], labels[0, 1:], ignore_index=-100).backward()
+    assert max_diff(g_h, hidden.grad) < 1e-5 and max_diff(g_w, weight.grad) < 1e-5
+
+
+def test_aux_loss_equals_transformers_formula():
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+    torch.manual_seed(0)
+    logits = tuple(torch.randn(30, 8) for _ in range(3))
+    ours = load_balancing_loss(logits, num_experts=8, top_k=2)
+    assert abs(ours.item() - load_balancing_loss_func(logits, 8, 2).item()) < 1e-6
+    mask = torch.ones(2, 15, dtype=torch.long)
+    mask[0, :4] = 0
+    theirs = load_balancing_loss_func(logits, 8, 2, attention_mask=mask)
+    assert abs(load_balancing_loss(logits, 8, 2, valid=mask.reshape(-1).bool()).item() - theirs.item()) < 1e-6
+
+
+def _global_batch_worker(rank, world, port, logits, result_prefix):
+    import torch.distributed as dist
+    from nanoqwen.model import ExpertCounter
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        local = [layer.chunk(world)[rank].clone().requires_grad_(True) for layer in logits]
+        loss = load_balancing_loss(local, 8, 2, counter=ExpertCounter())
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        # DDP averages parameter gradients over ranks, so each rank's share of the full gradient is grad / world
+        torch.save({"loss": mean_loss / world, "grads": [t.grad / world for t in local]}, f"{result_prefix}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_load_balancing_two_processes(tmp_path):
+    """2 gloo processes with half the tokens each give the loss and gradients of one process over the whole batch."""
+    import socket
+    import torch.multiprocessing as mp
+    torch.manual_seed(0)
+    logits = [torch.randn(40, 8) for _ in range(2)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prefix = str(tmp_path / "rank")
+    mp.spawn(_global_batch_worker, args=(2, port, logits, prefix), nprocs=2, join=True)
+    full = [t.clone().requires_grad_(True) for t in logits]
+    expected = load_balancing_loss(full, 8, 2)
+    expected.backward()
+    for rank in range(2):
+        got = torch.load(f"{prefix}{rank}.pt")
+        assert abs(got["loss"].item() - expected.item()) < 1e-6
+        for g, f in zip(got["grads"], full):
+            assert torch.allclose(g, f.grad.chunk(2)[rank], atol=1e-7)
+    # the local-only form (no counter) differs: that is what the global batch changes
+    local_only = sum(load_balancing_loss([t.chunk(2)[r] for t in logits], 8, 2) for r in range(2)) / 2
+    assert abs(local_only.item() - expected.item()) > 1e-4
+
+
+def test_gradient_accumulation_counts_accumulate():
+    from nanoqwen.model import ExpertCounter
+    torch.manual_seed(0)
+    logits = torch.randn(60, 8)
+    counter = ExpertCounter()
+    a = load_balancing_loss(logits[:30], 8, 2, counter=counter)
+    b = load_balancing_loss(logits[30:], 8, 2, counter=counter)
+    # the second micro-batch sees the counts of both: with equal halves, the mean of the two P terms times the
+    # accumulated f equals the full-batch loss
+    probs = torch.softmax(logits, -1)
+    f_full = torch.nn.functional.one_hot(probs.topk(2).indices, 8).float().mean(0)
+    assert abs(b.item() - 8 * (f_full * probs[30:].mean(0)).sum().item()) < 1e-6
+    assert a.item() > 0
+
+
+def test_released_parameter_counts():
+    assert get_preset("Qwen3-0.6B").num_parameters() == 596_049_920
+    assert get_preset("Qwen3-1.7B").num_parameters() == 1_720_574_976
+    for name in ["Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B", "Qwen3-30B-A3B", "Qwen3-235B-A22B"]:
+        cfg = get_preset(name)
+        with torch.device("meta"):
+            ours = nanoqwen.Qwen3ForCausalLM(cfg)
+        ours_count = sum(p.numel() for p in ours.parameters())
+        assert ours_count == cfg.num_parameters(), name
+        hf_cfg = (transformers.Qwen3MoeConfig if cfg.is_moe else transformers.Qwen3Config)(**cfg.to_dict())
+        with torch.device("meta"):
+            ref = (transformers.Qwen3MoeForCausalLM if cfg.is_moe else transformers.Qwen3ForCausalLM)(hf_cfg)
+        assert ours_count == sum(p.numel() for p in ref.parameters()), name
+
+
+def test_released_config_json_round_trip(tmp_path):
+    raw = json.load(open(os.path.join(os.path.dirname(__file__), "data", "qwen3_official_configs.json")))
+    for name, d in raw.items():
+        if name.startswith("_") or d.get("model_type") not in ("qwen3", "qwen3_moe"):
+            continue
+        cfg = Qwen3Config.from_dict(d)
+        assert cfg == get_preset(name, torch_dtype=cfg.torch_dtype), name
+        assert Qwen3Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # transformers v5 names (rope_parameters, num_local_experts, dtype) read the same as the original ones
+    v5 = {"model_type": "qwen3_moe", "num_local_experts": 16, "dtype": "bfloat16",
+          "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                              "original_max_position_embeddings": 32768}, "unknown_key": 1}
+    cfg = Qwen3Config.from_dict(v5)
+    assert cfg.num_experts == 16 and cfg.rope_theta == 1e6 and cfg.rope_scaling["factor"] == 4.0
+    assert cfg.head_dim == 2048 // 32 and cfg.torch_dtype == "bfloat16"  # missing keys take transformers' defaults
+
+
+def test_every_preset_builds_on_meta():
+    for name in PRESETS:
+        cfg = get_preset(name)
+        with torch.device("meta"):
+            model = nanoqwen.Qwen3ForCausalLM(cfg)
+        assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_sharded_save_loads_in_transformers_and_ours(tmp_path, dtype):
+    torch.manual_seed(0)
+    model = nanoqwen.load_model("nano-moe-d2")
+    nanoqwen.save_model(model, str(tmp_path), max_shard_size="1MB", dtype=dtype)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    again = nanoqwen.load_model(str(tmp_path))
+    assert again.lm_head.weight.dtype == getattr(torch, dtype)
+    ref = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = torch.randint(0, 8192, (1, 12))
+    with torch.no_grad():
+        assert max_diff(again.float().eval()(x).logits, ref(x).logits) <= TOL
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    model = nanoqwen.load_model("nano-d2")
+    good = tmp_path / "good"
+    nanoqwen.save_model(model, str(good))
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        nanoqwen.load_model(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="unknown preset"):
+        nanoqwen.load_model("Qwen9-1B")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((good / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        nanoqwen.load_model(str(empty))
+    (empty / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="safetensors only"):
+        nanoqwen.load_model(str(empty))
+
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(good / "model.safetensors"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((good / "config.json").read_text())
+    bad = dict(tensors)
+    bad["model.norm.weight"] = torch.ones(7)
+    save_file(bad, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="model.norm.weight.*shape"):
+        nanoqwen.load_model(str(broken))
+    bad = dict(tensors)
+    bad["model.layers.0.self_attn.extra.weight"] = torch.ones(2)
+    save_file(bad, str(broken / "model.safetensors"))
+    with pytest.raises(KeyError, match="unexpected tensor"):
+        nanoqwen.load_model(str(broken))
+    bad = dict(tensors)
+    del bad["model.layers.1.mlp.up_proj.weight"]
+    save_file(bad, str(broken / "model.safetensors"))
+    with pytest.raises(KeyError, match="missing.*layers.1.mlp.up_proj"):
+        nanoqwen.load_model(str(broken))
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        nanoqwen.load_model(str(broken))
+
+
+def test_rope_frequencies_stay_fp32_under_dtype_casts():
+    model = nanoqwen.load_model("nano-d2").to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
