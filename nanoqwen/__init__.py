@@ -1,6 +1,23 @@
-"""nanoqwen: a complete, fast and readable implementation of the Qwen3 system."""
-from .config import PRESETS, Qwen3Config, get_preset
-from .model import Qwen3ForCausalLM
-from .checkpoint import load_model, save_model
+"""nanoqwen: a complete, fast and readable implementation of the Qwen3 system.
+
+Public names are imported lazily, so `import nanoqwen.tokenizer` (e.g. in data workers) does not pay for torch.
+"""
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Qwen3Config": "config", "get_preset": "config", "PRESETS": "config",
+    "Qwen3ForCausalLM": "model",
+    "load_model": "checkpoint", "save_model": "checkpoint",
+    "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nanoqwen' has no attribute {name!r}")
