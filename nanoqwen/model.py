@@ -361,6 +361,31 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size)
 
 
+def _chunk_loss_and_grad(h, weight, t, n_valid):
+    """Summed cross-entropy of one chunk of rows, and d(mean loss)/d(logits) in the input dtype."""
+    logits = (h @ weight.T).float()
+    valid = t != -100
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, safe_t[:, None])[:, 0]) * valid).sum()
+    g = torch.exp(logits - lse[:, None])  # softmax
+    g = g.scatter_add(1, safe_t[:, None], -torch.ones_like(lse)[:, None])  # minus the one-hot target
+    return loss, (g * (valid[:, None] / n_valid)).to(h.dtype)
+
+
+_compiled_chunk = None
+
+
+def _chunk_fn(device_type: str):
+    """On GPU the elementwise chain (softmax, one-hot, scale, cast) is compiled into one pass over the logits."""
+    global _compiled_chunk
+    if device_type != "cuda":
+        return _chunk_loss_and_grad
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Fused lm_head + cross-entropy: the forward pass also computes the gradients, chunk by chunk."""
 
@@ -371,17 +396,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         loss = hidden.new_zeros((), dtype=torch.float32)
+        chunk_fn = _chunk_fn(hidden.device.type)
         for start in range(0, hidden.shape[0], chunk_size):
-            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = (h @ weight.T).float()
-            valid = t != -100
-            safe_t = torch.where(valid, t, torch.zeros_like(t))
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, safe_t[:, None])[:, 0]) * valid).sum()
+            h = hidden[start:start + chunk_size]
+            chunk_loss, g = chunk_fn(h, weight, targets[start:start + chunk_size], n_valid)
+            loss += chunk_loss
             if need_grad:
-                g = torch.softmax(logits, dim=-1)  # d(loss)/d(logits) = softmax - onehot, for valid rows
-                g[torch.arange(len(t), device=t.device), safe_t] -= 1
-                g = (g * (valid[:, None] / n_valid)).to(hidden.dtype)
                 grad_hidden[start:start + chunk_size] = g @ weight
                 grad_weight += (g.T @ h).float()
         if need_grad:
