@@ -364,3 +364,21 @@ def test_rope_frequencies_stay_fp32_under_dtype_casts():
     model = nanoqwen.load_model("nano-d2").to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_loading_peak_memory_stays_near_model_size(tmp_path):
+    """Meta-device build + tensor-by-tensor fill: loading must not hold a second full copy of the weights."""
+    import subprocess
+    import sys
+    model = nanoqwen.load_model("nano-d12", vocab_size=65536)  # ~135M parameters, ~540 MB in fp32
+    nanoqwen.save_model(model, str(tmp_path), max_shard_size="200MB")
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    probe = ("import resource, sys, torch, nanoqwen\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "m = nanoqwen.load_model(sys.argv[1])\n"
+             "print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, check=True)
+    before, after = map(int, out.stdout.split())
+    growth = after - before
+    assert growth < 1.35 * nbytes, f"peak grew by {growth / 1e6:.0f} MB for a {nbytes / 1e6:.0f} MB model"
