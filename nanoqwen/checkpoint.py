@@ -6,6 +6,7 @@ once on the target device and fills it tensor by tensor, so peak memory stays ne
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -139,35 +140,31 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
 # ----------------------------------------------------------------------------------------------------------------
 # Saving
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write bytes under a temporary name in the same folder, fsync, then rename over `path`."""
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`, on failure remove it."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_save_tensors(tensors: dict, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def _atomic_save_tensors(tensors: dict, path: str) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
 
 
 def _parse_size(size) -> int:
