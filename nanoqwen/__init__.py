@@ -11,6 +11,9 @@ _EXPORTS = {
     "Qwen3ForCausalLM": "model",
     "load_model": "checkpoint", "save_model": "checkpoint",
     "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+    "generate": "engine", "generate_batch": "engine", "load": "engine", "Engine": "engine",
+    "GenerationResult": "engine", "Chunk": "engine", "Request": "engine",
+    "SamplingParams": "sampling",
 }
 __all__ = sorted(_EXPORTS)
 

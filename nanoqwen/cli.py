@@ -58,6 +58,214 @@ def cmd_demo(args):
               f"train step {x.numel() / dt:,.0f} tok/s")
 
 
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+CHAT_HELP = "commands: /think  /no_think  /budget N|off  /reset  /exit"
+
+
+def _sampling_kwargs(args) -> dict:
+    """The engine's keyword arguments from the sampling flags shared by `chat` and `generate`."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
+                stop=args.stop, seed=args.seed)
+
+
+def _print_stream(chunks, color: bool):
+    """Write streamed text as it comes, reasoning dimmed (think tags hidden) when color is on; returns the result."""
+    result, dimmed = None, False
+    for chunk in chunks:
+        text = chunk.text
+        if color and chunk.kind == "reasoning":
+            text = text.replace("<think>", "").replace("</think>", "")
+        if color and text and dimmed != (chunk.kind == "reasoning"):
+            dimmed = not dimmed
+            text = (DIM if dimmed else RESET) + text
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        result = chunk.result or result
+    if dimmed:
+        sys.stdout.write(RESET)
+    return result
+
+
+def cmd_generate(args):
+    """One prompt (flag or stdin) through the chat template (or raw), streamed to stdout."""
+    from .engine import generate, load
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": prompt}]
+    stream = generate(model, tokenizer, prompt if args.raw else messages, stream=True,
+                      enable_thinking=False if args.no_think else None, thinking_budget=args.thinking_budget,
+                      **_sampling_kwargs(args))
+    if args.json:
+        result = [c.result for c in stream if c.result][0]
+        usage = dict(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                     reasoning_tokens=result.reasoning_tokens)
+        print(json.dumps(dict(text=result.text, reasoning_content=result.reasoning_content, content=result.content,
+                              tool_calls=result.tool_calls, finish_reason=result.finish_reason, usage=usage),
+                         ensure_ascii=False))
+        return
+    _print_stream(stream, color=sys.stdout.isatty())
+    print()
+
+
+def _chat_command(line: str, state: dict) -> bool:
+    """Apply a /command typed in the chat; False if the line is a message (soft switches like `/no_think hi` are)."""
+    words = line.split()
+    if words == ["/think"] or words == ["/no_think"]:
+        state["enable_thinking"] = words[0] == "/think"
+        print(f"thinking {'on' if state['enable_thinking'] else 'off'}")
+    elif words and words[0] == "/budget" and len(words) <= 2:
+        value = words[1] if len(words) == 2 else "off"
+        if value != "off" and not value.isdigit():
+            print("usage: /budget N (tokens of thinking, N >= 0) or /budget off")
+        else:
+            state["thinking_budget"] = None if value == "off" else int(value)
+            print(f"thinking budget: {value if value == 'off' else value + ' tokens'}")
+    elif words == ["/reset"]:
+        del state["messages"][state["kept"]:]
+        print("conversation cleared")
+    elif words in (["/exit"], ["/quit"]):
+        raise EOFError
+    elif words == ["/help"]:
+        print(CHAT_HELP)
+    else:
+        return False
+    return True
+
+
+def _chat_turn(model, tokenizer, state: dict, args) -> None:
+    """Stream one answer; the assistant turn is stored with its reasoning, which the template drops later."""
+    from .engine import generate
+    try:
+        stream = generate(model, tokenizer, state["messages"], stream=True, enable_thinking=state["enable_thinking"],
+                          thinking_budget=state["thinking_budget"], **_sampling_kwargs(args))
+        result = _print_stream(stream, color=sys.stdout.isatty())
+        if result.finish_reason == "length":
+            print("\n[stopped at --max-new-tokens]", end="")
+    except KeyboardInterrupt:
+        result = None
+        print("\n[interrupted]")
+    except ValueError as error:  # e.g. the conversation outgrew the context: say so and keep the chat alive
+        result = None
+        print(f"error: {error}")
+    print()
+    if result is None:
+        state["messages"].pop()
+        return
+    state["messages"].append({"role": "assistant", "content": result.content,
+                              "reasoning_content": result.reasoning_content})
+
+
+def cmd_chat(args):
+    """Interactive multi-turn chat that streams, thinking dimmed apart from the answer."""
+    from .engine import load
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    state = dict(messages=system, kept=len(system), enable_thinking=False if args.no_think else None,
+                 thinking_budget=args.thinking_budget)
+    print(f"nanoqwen chat with {args.model}; {CHAT_HELP}")
+    while True:
+        try:
+            line = input(">>> ").strip()
+            if not line or _chat_command(line, state):
+                continue
+        except KeyboardInterrupt:
+            print()
+            continue
+        except EOFError:
+            print()
+            return
+        state["messages"].append({"role": "user", "content": line})
+        _chat_turn(model, tokenizer, state, args)
+
+
+def cmd_pretrain(args):
+    """One pre-training stage of the Qwen3 recipe (see nanoqwen/train/pretrain.py); torchrun runs it on N ranks."""
+    from .train.pretrain import run_stage
+    options = dict(compile=args.compile, activation_checkpointing=args.activation_checkpointing,
+                   parallel=args.parallel, log_every=args.log_every, eval_every=args.eval_every,
+                   save_every=args.save_every, progress=not args.no_progress, wandb_project=args.wandb,
+                   tensorboard=args.tensorboard)
+    path = run_stage(args.stage, args.preset, args.out, resume=args.resume, steps=args.steps,
+                     batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
+                     corpora=args.data or (), seed=args.seed, vocab_size=args.vocab_size, **options)
+    print(f"stage {args.stage} done: {path}")
+
+
+def cmd_serve(args):
+    """An OpenAI-compatible HTTP server (chat and text completions, continuous batching) over a checkpoint folder."""
+    from .server import serve
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_len=args.max_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name)
+
+
+def cmd_tokenize(args):
+    """Corpora (.txt/.jsonl/.parquet files or folders) into token shards that `PackedLoader` memory-maps."""
+    from . import data
+    from .tokenizer import load_tokenizer
+    for path in args.inputs:
+        data.corpus_files(path) if not path.startswith("hf:") else None
+    tokenizer = load_tokenizer(args.tokenizer)
+    docs = data.mix([data.iter_documents(path) for path in args.inputs], [1.0] * len(args.inputs), args.seed)
+    meta = data.write_shards(docs, tokenizer, args.out, max_tokens=args.max_tokens)
+    print(f"{meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {len(meta['shards'])} shard(s) "
+          f"at {args.out}")
+
+
+def cmd_tokenizer_train(args):
+    """A byte-level BPE (Qwen3's regex and added tokens) trained on corpora, saved in the HF layout."""
+    import itertools
+    from . import data
+    from .tokenizer import train_tokenizer
+    for path in args.inputs:
+        data.corpus_files(path) if not path.startswith("hf:") else None
+    docs = itertools.islice(data.mix([data.iter_documents(p) for p in args.inputs], [1.0] * len(args.inputs), 0),
+                            args.max_documents)
+    tokenizer = train_tokenizer(docs, args.vocab_size, save_dir=args.out)
+    print(f"trained a {tokenizer.vocab_size:,}-token tokenizer, saved to {args.out}")
+
+
+def _number(kind, ok, requirement: str):
+    """An argparse type: a number of `kind` for which ok(value) holds, else a one-line error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return parse
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Bad flag values end in one line on stderr, not a usage dump."""
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    _one_line_errors(p)
+    p.add_argument("--model", required=True, help="checkpoint folder (model and tokenizer files)")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--no-think", action="store_true", help="switch thinking off (enable_thinking=False)")
+    at_least_0, positive = (lambda v: v >= 0), (lambda v: v > 0)
+    p.add_argument("--thinking-budget", type=_number(int, at_least_0, ">= 0"), default=None,
+                   help="most thinking tokens before the answer is forced")
+    p.add_argument("--max-new-tokens", type=_number(int, positive, ">= 1"), default=2048)
+    p.add_argument("--temperature", type=_number(float, at_least_0, ">= 0"), default=None,
+                   help="0: greedy (default: Qwen's recommendation for the thinking mode)")
+    p.add_argument("--top-p", type=_number(float, lambda v: 0 < v <= 1, "in (0, 1]"), default=None)
+    p.add_argument("--top-k", type=_number(int, at_least_0, ">= 0"), default=None, help="0: off")
+    p.add_argument("--min-p", type=_number(float, lambda v: 0 <= v <= 1, "in [0, 1]"), default=None)
+    p.add_argument("--presence-penalty", type=_number(float, lambda v: True, "a number"), default=0.0)
+    p.add_argument("--repetition-penalty", type=_number(float, positive, "> 0"), default=1.0)
+    p.add_argument("--seed", type=_number(int, lambda v: True, "an integer"), default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+
 def _positive_int(text):
     value = int(text)
     if value <= 0:
@@ -86,6 +294,75 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build, save, reload and run small dense and MoE models")
     p.add_argument("--out", default="runs/out/demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="one-shot generation from a checkpoint folder (prompt flag or stdin)")
+    _add_generation_flags(p)
+    p.add_argument("--prompt", default=None, help="the user message ('-' or absent: read stdin)")
+    p.add_argument("--raw", action="store_true", help="plain completion of the prompt text, no chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, reasoning, content, usage)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with a checkpoint folder")
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    _one_line_errors(p)
+    p.add_argument("--model", required=True, help="checkpoint folder (model and tokenizer files)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=_number(int, lambda v: 0 <= v < 65536, "a port number"), default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="batch slots decoded together")
+    p.add_argument("--max-len", type=_positive_int, default=None,
+                   help="tokens per slot, prompt and answer (default: 4096, at most the model's context)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("pretrain", help="one pre-training stage (1 general, 2 reasoning, 3 long context)")
+    _one_line_errors(p)
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
+    p.add_argument("--preset", required=True, help="model preset (nano-* train their own tokenizer)")
+    p.add_argument("--out", default="runs/pretrain", help="run folder; stage N writes OUT/stageN")
+    p.add_argument("--resume", action="store_true", help="continue this stage from OUT/stageN/latest")
+    p.add_argument("--data", action="append", default=None,
+                   help="a corpus: .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG] (repeatable; "
+                        "default: the embedded task generators and prose)")
+    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="rows per micro-batch per rank")
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--seq-len", type=_positive_int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=_positive_int, default=4096, help="trained tokenizer size (nano presets)")
+    p.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="under torchrun")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="log to wandb (when installed)")
+    p.add_argument("--tensorboard", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("tokenize", help="tokenise corpora into memory-mapped shards")
+    _one_line_errors(p)
+    p.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files or folders, or hf:NAME")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the official Qwen3 tokenizer)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-tokens", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("tokenizer-train", help="train a byte-level BPE tokenizer on corpora")
+    _one_line_errors(p)
+    p.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files or folders, or hf:NAME")
+    p.add_argument("--vocab-size", type=_positive_int, required=True)
+    p.add_argument("--max-documents", type=_positive_int, default=100_000)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 

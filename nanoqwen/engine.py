@@ -1,0 +1,527 @@
+"""Generation: the one path used by the CLI, evaluation, RL rollouts and the server.
+
+An `Engine` owns a fixed number of batch slots that share one static KV cache (`model.make_cache`). All rows write
+their next key at the same cache slot `t`; a prompt is placed so that it ends at `t` (left padding, masked out), and
+each row carries its own position ids, so RoPE never sees the padding. Requests can join free slots between decode
+steps (`add`) and leave when done: that is continuous batching. When `t` reaches the end of the cache, the cache is
+shifted left past the slots no live row needs (keys carry their positions, so moving them changes nothing).
+
+Each row runs a small state machine over its tokens: the thinking phase (`<think>` ... `</think>`), the thinking
+budget (the official phrase is forced once the reasoning reaches N tokens), stop tokens and stop strings, and a
+UTF-8-safe text stream that tells reasoning from answer.
+
+On CPU the decode step attends only to the filled prefix of the cache. On CUDA the step always sees the whole cache
+(static shapes) and is compiled with `torch.compile(mode="reduce-overhead")`, which captures it in a CUDA graph.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .sampling import SamplingParams, Sampler
+
+BUDGET_PHRASE = ("\n\nConsidering the limited time by the user, I have to give the solution based on the thinking "
+                 "directly now.\n</think>\n\n")
+START, THINKING, ANSWER = "start", "thinking", "answer"  # thinking phases of a row
+REASONING, CONTENT = "reasoning", "content"  # kinds of streamed text
+PREFILL_CHUNK = 4096  # long prompts are prefilled in pieces so the attention mask stays small
+
+
+@dataclass
+class GenerationResult:
+    text: str  # everything generated, as text (think tags included; stop token and stop string excluded)
+    reasoning_content: str | None
+    content: str
+    tool_calls: list
+    token_ids: list[int]  # generated ids, forced ones and the final stop token included
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    logprobs: list | None = None  # per token (logprob, [(id, logprob)] top alternatives) if the request asked
+
+
+@dataclass
+class Chunk:
+    """A piece of a stream: the tokens of one step of one request and the text they released."""
+    index: int  # which prompt of the batch
+    token_ids: list[int]
+    text: str
+    kind: str  # what the text is: "reasoning" or "content"
+    finish_reason: str | None = None  # set on the last chunk of a request, which also carries the result
+    result: GenerationResult | None = None
+    logprobs: list | None = None  # per token of token_ids, if the request asked: (logprob, top alternatives)
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams  # resolved: no None knobs
+    index: int = 0
+    logprobs: int | None = None  # report each token's logprob and this many top alternatives (None: off)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One request in one batch slot
+
+class _Row:
+    """The running state of a request: generated tokens, thinking phase, forced tokens, streamed text."""
+
+    def __init__(self, request: Request, tokenizer, budget_ids: list[int]):
+        self.request, self.params, self.tokenizer, self.budget_ids = request, request.params, tokenizer, budget_ids
+        self.phase = initial_phase(request.prompt_ids, tokenizer)
+        self.started_thinking = self.phase == THINKING
+        self.token_ids: list[int] = []
+        self.thinking_tokens = self.reasoning_tokens = 0
+        self.forced: deque[int] = deque()
+        self.decoder = tokenizer.stream_decoder()
+        self.unsent: list[tuple[str, str]] = []  # (kind, text) held back: it may be the start of a stop string
+        self.sent: list[str] = []
+        self.sent_tail = ""  # the end of the sent text: a stop string may begin there
+        self.logprobs: list | None = [] if request.logprobs is not None else None
+        self.finish_reason: str | None = None
+
+    def next_token(self, sampled: int) -> int:
+        """The sampled token, unless the thinking budget is spent: then the tokens of the budget phrase, one by one."""
+        budget = self.params.thinking_budget
+        if self.phase == THINKING and budget is not None and not self.forced and self.thinking_tokens >= budget:
+            self.forced.extend(self.budget_ids)
+        return self.forced.popleft() if self.forced else sampled
+
+    def accept(self, token: int, logprob=None) -> list[Chunk]:
+        kind = self._advance_phase(token)
+        self.token_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        self.reasoning_tokens += kind == REASONING
+        if token in self.tokenizer.stop_token_ids:
+            self.finish_reason, text = "stop", self.decoder.flush()
+        else:
+            text = self.decoder.push(token)
+            if len(self.token_ids) >= self.params.max_new_tokens:
+                self.finish_reason, text = "length", text + self.decoder.flush()
+        pieces = self._release(kind, text) or [(kind, "")]
+        chunks = [Chunk(self.request.index, [token] if i == 0 else [], t, k) for i, (k, t) in enumerate(pieces)]
+        if self.logprobs is not None:
+            chunks[0].logprobs = [logprob]
+        if self.finish_reason:
+            chunks[-1].finish_reason, chunks[-1].result = self.finish_reason, self.result()
+        return chunks
+
+    def _advance_phase(self, token: int) -> str:
+        """Move the thinking phase on by one token; returns the kind of that token."""
+        if self.phase == START:  # the model opens a think block, or answers directly
+            self.phase = THINKING if token == self.tokenizer.think_start_id else ANSWER
+            return REASONING if self.phase == THINKING else CONTENT
+        if self.phase == THINKING:
+            if token == self.tokenizer.think_end_id:
+                self.phase = ANSWER
+            else:
+                self.thinking_tokens += 1
+            return REASONING
+        return CONTENT
+
+    def _release(self, kind: str, text: str) -> list[tuple[str, str]]:
+        """Queue new text; return the pieces that can be streamed, cutting at a stop string (which ends the row)."""
+        if text:
+            self.unsent.append((kind, text))
+        pending = "".join(t for _, t in self.unsent)
+        stops = self.params.stop
+        if not stops:
+            ready = len(pending)
+        else:
+            window = self.sent_tail + pending
+            hits = [window.find(s) for s in stops if s in window]
+            if hits:
+                ready, self.finish_reason = min(hits) - len(self.sent_tail), "stop"
+            elif self.finish_reason:
+                ready = len(pending)
+            else:
+                ready = len(pending) - partial_stop_length(window, stops)
+        pieces, self.unsent = split_pieces(self.unsent, ready)
+        if self.finish_reason:
+            self.unsent = []
+        self.sent += [t for _, t in pieces]
+        if stops:
+            self.sent_tail = (self.sent_tail + "".join(t for _, t in pieces))[-max(map(len, stops)):]
+        return pieces
+
+    def result(self) -> GenerationResult:
+        text = "".join(self.sent)
+        # a prompt that opened the think block leaves no <think> in the output; the parser needs it to see reasoning
+        parsed = self.tokenizer.parse_output(("<think>" if self.started_thinking else "") + text)
+        return GenerationResult(text, parsed["reasoning_content"], parsed["content"], parsed["tool_calls"],
+                                list(self.token_ids), self.finish_reason, len(self.request.prompt_ids),
+                                len(self.token_ids), self.reasoning_tokens, self.logprobs)
+
+
+def initial_phase(prompt_ids: list[int], tokenizer) -> str:
+    """Where the prompt leaves the model: inside a think block, after a closed one (thinking off), or free to open
+    one (the model decides)."""
+    opened = _last_index(prompt_ids, tokenizer.think_start_id)
+    closed = _last_index(prompt_ids, tokenizer.think_end_id)
+    if opened > closed:
+        return THINKING
+    if closed >= 0 and not tokenizer.decode(prompt_ids[closed + 1:]).strip():
+        return ANSWER  # the prompt ends with a think block, e.g. the empty one of enable_thinking=False
+    return START
+
+
+def _last_index(ids: list[int], token: int | None) -> int:
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == token:
+            return i
+    return -1
+
+
+def partial_stop_length(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that begins a stop string (it must wait for the next tokens)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+def split_pieces(pieces: list[tuple[str, str]], n: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Split (kind, text) pieces after n characters; the first part merges neighbours of the same kind."""
+    head, tail = [], []
+    for kind, text in pieces:
+        take = text[:max(n, 0)]
+        n -= len(take)
+        if take:
+            if head and head[-1][0] == kind:
+                head[-1] = (kind, head[-1][1] + take)
+            else:
+                head.append((kind, take))
+        if len(take) < len(text):
+            tail.append((kind, text[len(take):]))
+    return head, tail
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine: slots over one static KV cache
+
+def _decode_forward(model, cache, input_ids, position_ids, attention_mask, cache_position):
+    """Logits (B, V) in fp32 of one new token per row; on CUDA this function is captured in a CUDA graph."""
+    out = model(input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                cache_position=cache_position)
+    return out.logits[:, -1].float()
+
+
+_COMPILED = {}
+
+
+def _compiled_decode(fullgraph: bool):
+    if fullgraph not in _COMPILED:
+        _COMPILED[fullgraph] = torch.compile(_decode_forward, mode="reduce-overhead", fullgraph=fullgraph,
+                                             dynamic=False)
+    return _COMPILED[fullgraph]
+
+
+class Engine:
+    """A fixed number of slots sharing one KV cache of max_len tokens. `add` prefills requests into free slots,
+    `step` decodes one token for every live slot; both return the chunks produced. `run` does the whole loop.
+
+    max_len defaults to the model's context; size it to the work on CUDA, where every step reads the whole cache.
+    compile (default: on CUDA) captures the decode step in a CUDA graph over static shapes."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 1, max_len: int | None = None, compile: bool | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.lm_head.weight.device
+        self.batch_size, self.max_len = batch_size, max_len or model.config.max_position_embeddings
+        self.cache = model.make_cache(batch_size, self.max_len)
+        device = self.device
+        self.mask = torch.zeros(batch_size, self.max_len, dtype=torch.bool, device=device)  # slots with real keys
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # position of each row's next token
+        self.inputs = [0] * batch_size  # the token each row feeds next
+        self.t = 0  # the cache slot the next token of every row is written to
+        self.rows: list[_Row | None] = [None] * batch_size
+        self.live = torch.zeros(batch_size, dtype=torch.bool, device=self.device)  # rows[i] is not None, on device
+        self.sampler = Sampler(batch_size, model.config.vocab_size, self.device)
+        self.budget_ids = tokenizer.encode(BUDGET_PHRASE, allow_special=True)
+        # static shapes + CUDA graph on the GPU; the CPU attends to the filled prefix only
+        self.static = self.device.type == "cuda" if compile is None else compile
+        self._decode = _compiled_decode(not model.config.is_moe) if self.static else _decode_forward
+        if self.static:
+            for buffer in [self.mask, self.positions] + [b for layer in self.cache for b in (layer.k, layer.v)]:
+                torch._dynamo.mark_static_address(buffer)
+
+    # --- slots ---
+    def free_slots(self) -> list[int]:
+        return [i for i, row in enumerate(self.rows) if row is None]
+
+    def live_slots(self) -> list[int]:
+        return [i for i, row in enumerate(self.rows) if row is not None]
+
+    def cancel(self, slot: int) -> None:
+        """Drop a request (e.g. a client went away); its slot is free for the next `add`."""
+        self.rows[slot] = None
+        self.live[slot] = False
+        self.mask[slot] = False
+
+    # --- generation ---
+    @torch.no_grad()
+    def add(self, requests: list[Request]) -> list[Chunk]:
+        """Prefill requests into free slots (one forward for all) and choose their first tokens."""
+        slots = self.free_slots()[:len(requests)]
+        if len(slots) < len(requests):
+            raise RuntimeError(f"{len(requests)} requests but only {len(slots)} free slots")
+        for r in requests:
+            if len(r.prompt_ids) + r.params.max_new_tokens > self.max_len:
+                raise ValueError(f"prompt ({len(r.prompt_ids)} tokens) + max_new_tokens ({r.params.max_new_tokens}) "
+                                 f"exceed the cache ({self.max_len} tokens)")
+        logits = self._prefill(slots, [r.prompt_ids for r in requests])
+        for slot, request in zip(slots, requests):
+            self.rows[slot] = _Row(request, self.tokenizer, self.budget_ids)
+            self.sampler.set_row(slot, request.params, request.prompt_ids)
+        self.live[slots] = True
+        return self._choose(slots, logits)
+
+    @torch.no_grad()
+    def step(self) -> list[Chunk]:
+        """Decode one token for every live slot."""
+        slots = self.live_slots()
+        if not slots:
+            return []
+        if self.t == self.max_len:
+            self._compact()
+        self.mask[:, self.t] = self.live  # each live row's new key is real
+        inputs = torch.tensor(self.inputs, device=self.device)[:, None]
+        mask = self.mask if self.static else self.mask[:, :self.t + 1]
+        logits = self._forward_decode(inputs, mask, torch.tensor([self.t], device=self.device))
+        self.t += 1
+        self.positions += 1
+        return self._choose(slots, logits if len(slots) == self.batch_size else logits[slots])
+
+    def run(self, requests: list[Request]) -> Iterator[Chunk]:
+        """Generate all requests, admitting queued ones as slots free up; yields chunks as they are produced."""
+        queue, mine = deque(requests), {id(r) for r in requests}
+        try:
+            while queue or self.live_slots():
+                if queue and self.free_slots():
+                    yield from self.add([queue.popleft() for _ in range(min(len(queue), len(self.free_slots())))])
+                yield from self.step()
+        finally:  # a stream abandoned midway (closed, interrupted) gives its slots back
+            for slot in self.live_slots():
+                if id(self.rows[slot].request) in mine:
+                    self.cancel(slot)
+
+    def _choose(self, slots: list[int], logits: torch.Tensor) -> list[Chunk]:
+        """Sample (or force) the next token of each slot, feed it to the row's state machine, free finished slots."""
+        sampled = self.sampler.sample(logits, slots).tolist()
+        tokens = [self.rows[slot].next_token(token) for slot, token in zip(slots, sampled)]
+        chunks = []
+        for slot, token, logprob in zip(slots, tokens, self._logprobs(slots, logits, tokens)):
+            row = self.rows[slot]
+            self.inputs[slot] = token
+            chunks += row.accept(token, logprob)
+            if row.finish_reason:
+                self.cancel(slot)
+        self.sampler.observe(slots, tokens)
+        return chunks
+
+    def _logprobs(self, slots: list[int], logits: torch.Tensor, tokens: list[int]) -> list:
+        """(logprob, [(id, logprob)] top alternatives) of each chosen token for the rows that asked, None for the
+        others; from the model's raw distribution (before penalties and temperature), as vLLM reports them."""
+        wanted = [i for i, slot in enumerate(slots) if self.rows[slot].request.logprobs is not None]
+        out = [None] * len(slots)
+        if not wanted:
+            return out
+        logp = logits[wanted].log_softmax(-1)
+        chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logp.device))[:, 0].tolist()
+        top = max(self.rows[slots[i]].request.logprobs for i in wanted)
+        values, ids = (t.tolist() for t in logp.topk(top, dim=-1))
+        for j, i in enumerate(wanted):
+            n = self.rows[slots[i]].request.logprobs
+            out[i] = (chosen[j], list(zip(ids[j][:n], values[j][:n])))
+        return out
+
+    def _forward_decode(self, inputs, mask, cache_position) -> torch.Tensor:
+        args = (self.model, self.cache, inputs, self.positions[:, None], mask, cache_position)
+        if self._decode is _decode_forward:
+            return _decode_forward(*args)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed: reuse their memory
+        try:
+            return self._decode(*args)
+        except Exception as error:  # a compiler problem must not stop generation: fall back to eager
+            warnings.warn(f"torch.compile of the decode step failed, running eagerly: {error}")
+            self._decode = _decode_forward
+            return _decode_forward(*args)
+
+    # --- cache layout ---
+    def _prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run the prompts, left-padded to a common length L, and write their keys into `slots` at [t-L, t)."""
+        L = max(map(len, prompts))
+        if not self.live_slots():
+            self.t = L  # an idle engine starts over: nothing to move
+        elif L > self.t:
+            self._shift(L - self.t)
+        ids = torch.zeros(len(prompts), L, dtype=torch.long)
+        real = torch.zeros(len(prompts), L, dtype=torch.bool)
+        for i, prompt in enumerate(prompts):
+            ids[i, L - len(prompt):] = torch.tensor(prompt)
+            real[i, L - len(prompt):] = True
+        ids, real = ids.to(self.device), real.to(self.device)
+        positions = (real.cumsum(1) - 1).clamp(min=0)
+        in_place = self.t == L and len(slots) == self.batch_size  # a whole fresh batch: write the cache directly
+        cache = self.cache if in_place else self.model.make_cache(len(prompts), L)
+        for start in range(0, L, PREFILL_CHUNK):
+            end = min(start + PREFILL_CHUNK, L)
+            out = self.model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=real[:, :end],
+                             cache=cache, cache_position=torch.arange(start, end, device=self.device),
+                             logits_to_keep=1)
+        index = torch.tensor(slots, device=self.device)
+        if not in_place:
+            for layer, new in zip(self.cache, cache):
+                layer.k[index, :, self.t - L:self.t] = new.k
+                layer.v[index, :, self.t - L:self.t] = new.v
+        self.mask[index] = False
+        self.mask[index, self.t - L:self.t] = real
+        self.positions[index] = real.sum(1)
+        return out.logits[:, -1].float()
+
+    def _shift(self, offset: int) -> None:
+        """Move every row's keys `offset` slots right (left when negative); positions travel with the keys."""
+        for layer in self.cache:
+            layer.k.copy_(layer.k.roll(offset, 2))
+            layer.v.copy_(layer.v.roll(offset, 2))
+        self.mask.copy_(self.mask.roll(offset, 1))
+        stale = slice(0, offset) if offset > 0 else slice(self.max_len + offset, self.max_len)
+        self.mask[:, stale] = False  # the slots that wrapped around
+        self.t += offset
+
+    def _compact(self) -> None:
+        """The cache is full: drop the slots before the oldest key any live row still needs."""
+        first_real = self.mask[self.live_slots()].int().argmax(1)
+        self._shift(-int(first_real.min()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The public API
+
+def encode_prompt(tokenizer, prompt, enable_thinking: bool | None = None, tools: list | None = None) -> list[int]:
+    """Messages (chat template), a plain string (raw completion) or token ids, as token ids."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt, allow_special=True)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt) and prompt:
+        ids = tokenizer.apply_chat_template(list(prompt), tools=tools, add_generation_prompt=True,
+                                            enable_thinking=enable_thinking)
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(i, int) for i in prompt):
+        ids = list(prompt)
+    else:
+        raise TypeError("a prompt is a list of message dicts, a string or a list of token ids")
+    if not ids:
+        raise ValueError("the prompt is empty")
+    return ids
+
+
+def make_request(model, tokenizer, prompt, params: SamplingParams, enable_thinking=None, tools=None, index=0,
+                 context: int | None = None) -> Request:
+    """Encode a prompt, fill in the mode's sampling defaults and fit max_new_tokens into the context."""
+    ids = encode_prompt(tokenizer, prompt, enable_thinking, tools)
+    context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    if len(ids) >= context:
+        raise ValueError(f"the prompt has {len(ids)} tokens but the context holds {context}")
+    outside = [i for i in ids if not 0 <= i < model.config.vocab_size]
+    if outside:
+        raise ValueError(f"prompt token id {outside[0]} is outside the model's vocabulary ({model.config.vocab_size})")
+    resolved = params.resolved(thinking=initial_phase(ids, tokenizer) != ANSWER)
+    resolved.max_new_tokens = min(resolved.max_new_tokens, context - len(ids))
+    return Request(ids, resolved, index)
+
+
+_LAST_CUDA_ENGINE: list[Engine] = []  # reused across calls, so its decode step is compiled and captured once
+
+
+def engine_for(model, tokenizer, batch_size: int, max_len: int) -> Engine:
+    """A new engine on CPU (cheap); on CUDA the previous one when it fits, else one with a power-of-two cache length
+    (each new shape costs a compilation)."""
+    if model.lm_head.weight.device.type != "cuda":
+        return Engine(model, tokenizer, batch_size, max_len)
+    max_len = 1 << max(8, (max_len - 1).bit_length())
+    last = _LAST_CUDA_ENGINE[0] if _LAST_CUDA_ENGINE else None
+    if (last is not None and last.model is model and last.tokenizer is tokenizer and last.batch_size == batch_size
+            and last.max_len >= max_len and not last.live_slots()):
+        return last
+    _LAST_CUDA_ENGINE[:] = []  # free the old cache first
+    _LAST_CUDA_ENGINE.append(Engine(model, tokenizer, batch_size, max_len))
+    return _LAST_CUDA_ENGINE[0]
+
+
+def generate_batch(model, tokenizer, prompts: list, max_new_tokens: int = 512, enable_thinking: bool | None = None,
+                   thinking_budget: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                   top_k: int | None = None, min_p: float | None = None, presence_penalty: float = 0.0,
+                   repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
+                   seed: int | list[int] | None = None, stream: bool = False, tools: list | None = None,
+                   engine: Engine | None = None, batch_size: int | None = None, logprobs: int | None = None):
+    """Generate for many prompts at once: a list of GenerationResult, or with stream=True an iterator of Chunks
+    (chunk.index says which prompt). An int seed gives prompt i the seed seed+i. batch_size: rows decoded together
+    (default: all prompts); the others wait for a free row. logprobs=k: each token's logprob and its k best
+    alternatives in result.logprobs / chunk.logprobs. Pass an Engine to reuse its cache (and, on CUDA, its compiled
+    decode step) across calls."""
+    if not isinstance(seed, (list, tuple)):
+        seed = [None if seed is None else seed + i for i in range(len(prompts))]
+    requests = []
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                min_p=min_p, presence_penalty=presence_penalty,
+                                repetition_penalty=repetition_penalty, stop=stop, seed=seed[i],
+                                thinking_budget=thinking_budget)
+        requests.append(make_request(model, tokenizer, prompt, params, enable_thinking, tools, i,
+                                     engine.max_len if engine else None))
+        requests[-1].logprobs = logprobs
+    if engine is None:
+        max_len = max(len(r.prompt_ids) for r in requests) + max(r.params.max_new_tokens for r in requests)
+        engine = engine_for(model, tokenizer, min(batch_size or len(requests), len(requests)), max_len)
+    chunks = engine.run(requests)
+    if stream:
+        return chunks
+    results = [None] * len(requests)
+    for chunk in chunks:
+        if chunk.result is not None:
+            results[chunk.index] = chunk.result
+    return results
+
+
+def generate(model, tokenizer, messages_or_prompt, max_new_tokens: int = 512, enable_thinking: bool | None = None,
+             thinking_budget: int | None = None, temperature: float | None = None, top_p: float | None = None,
+             top_k: int | None = None, min_p: float | None = None, presence_penalty: float = 0.0,
+             repetition_penalty: float = 1.0, stop: str | list[str] | None = None, seed: int | None = None,
+             stream: bool = False, tools: list | None = None, engine: Engine | None = None,
+             logprobs: int | None = None):
+    """Generate for one prompt: a GenerationResult, or with stream=True an iterator of Chunks whose last one carries
+    the result. Sampling knobs left at None take Qwen's defaults for the mode (thinking unless it is switched off)."""
+    out = generate_batch(model, tokenizer, [messages_or_prompt], max_new_tokens=max_new_tokens,
+                         enable_thinking=enable_thinking, thinking_budget=thinking_budget, temperature=temperature,
+                         top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+                         repetition_penalty=repetition_penalty, stop=stop, seed=seed, stream=stream, tools=tools,
+                         engine=engine, logprobs=logprobs)
+    return out if stream else out[0]
+
+
+def load(path: str, dtype=None, device=None):
+    """(model, tokenizer) from a checkpoint folder (model and tokenizer files side by side), ready to generate.
+
+    device None: CUDA when available. dtype None: the checkpoint's, but bf16 instead of fp32 on CUDA. A folder
+    without tokenizer files gets the official Qwen3 tokenizer if the model has its vocabulary."""
+    from safetensors import SafetensorError
+    from .checkpoint import load_model
+    from .config import Qwen3Config
+    from .tokenizer import load_tokenizer
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None and str(device).startswith("cuda") and os.path.isdir(path):
+        dtype = "bfloat16" if Qwen3Config.from_json(path).torch_dtype in (None, "float32") else None
+    try:
+        model = load_model(path, dtype=dtype, device=device).eval()
+    except SafetensorError as error:
+        raise ValueError(f"{path}: cannot read the weights: {error}") from None
+    has_tokenizer = os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                                for f in ("tokenizer.json", "vocab.json"))
+    if has_tokenizer:
+        return model, load_tokenizer(path)
+    if model.config.vocab_size >= 151669 or not os.path.isdir(path):
+        return model, load_tokenizer()
+    raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json) and its vocabulary is not Qwen3's")
