@@ -241,6 +241,8 @@ class Engine:
         self.rows: list[_Row | None] = [None] * batch_size
         self.live = torch.zeros(batch_size, dtype=torch.bool, device=self.device)  # rows[i] is not None, on device
         self.sampler = Sampler(batch_size, model.config.vocab_size, self.device)
+        # ids past the tokenizer's (the padded rows of the embedding, e.g. 151669..151935) are never sampled
+        self.token_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         self.budget_ids = tokenizer.encode(BUDGET_PHRASE, allow_special=True)
         # static shapes + CUDA graph on the GPU; the CPU attends to the filled prefix only
         self.static = self.device.type == "cuda" if compile is None else compile
@@ -311,6 +313,9 @@ class Engine:
 
     def _choose(self, slots: list[int], logits: torch.Tensor) -> list[Chunk]:
         """Sample (or force) the next token of each slot, feed it to the row's state machine, free finished slots."""
+        if self.token_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, self.token_limit:] = float("-inf")
         sampled = self.sampler.sample(logits, slots).tolist()
         tokens = [self.rows[slot].next_token(token) for slot, token in zip(slots, sampled)]
         chunks = []

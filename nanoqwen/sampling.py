@@ -126,7 +126,9 @@ class Sampler:
         seen, generated = self.seen[index], self.generated[index]
         penalty = self.repetition[index, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-        return logits - self.presence[index, None] * generated
+        logits = logits - self.presence[index, None] * generated
+        # extreme penalties overflow: keep every logit finite so softmax and argmax stay defined
+        return torch.nan_to_num(logits, nan=torch.finfo(logits.dtype).min)
 
     def _filter(self, logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate token ids (rows, K), best first, and their probabilities after temperature, top-k/p and min-p."""

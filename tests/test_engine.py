@@ -395,3 +395,28 @@ def test_load_checkpoint_folder_with_and_without_tokenizer(tok, tmp_path):
     (small / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="weights"):
         load(str(small), device="cpu")
+
+
+def test_padded_vocabulary_rows_are_never_sampled():
+    """Qwen3's embedding has 151,936 rows for 151,669 tokens: a model that favours a padded row must not emit it."""
+    from nanoqwen.engine import generate
+    tokenizer = load_tokenizer()
+    model = random_model(vocab_size=151936)
+    with torch.no_grad():
+        model.lm_head.weight[151700:151800] = 50.0 * model.lm_head.weight[:100]  # 50x the logits of ids 0..99
+        ids = torch.tensor([tokenizer.encode("hi")])
+        assert model(ids).logits[0, -1].argmax() >= tokenizer.vocab_size  # without the guard a padded id would win
+    for temperature in (0.0, 1.0):
+        result = generate(model, tokenizer, "hi", max_new_tokens=8, temperature=temperature, seed=0)
+        assert all(t < tokenizer.vocab_size for t in result.token_ids)
+
+
+def test_extreme_penalties_stay_finite():
+    from nanoqwen.sampling import Sampler
+    sampler = Sampler(2, 50, "cpu")
+    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=5e-324,
+                            presence_penalty=2.0, seed=0)
+    sampler.set_row(0, params, [1, 2, 3])
+    sampler.set_row(1, params, [4])
+    tokens = sampler.sample(torch.randn(2, 50) * 10, [0, 1])
+    assert tokens.shape == (2,) and ((0 <= tokens) & (tokens < 50)).all()

@@ -1,0 +1,453 @@
+"""An OpenAI-compatible HTTP server over the engine: chat and text completions (streamed or not), models, health.
+
+Continuous batching: one thread owns the `Engine`. Between decode steps it admits waiting requests into free slots
+(one prefill for all of them) and routes each chunk to the asyncio queue of the HTTP request it belongs to, so a new
+request joins the running batch at once and every stream advances one token per step. A client that goes away has
+its slots cancelled before the next step.
+
+The chat API follows OpenAI and vLLM's Qwen3 conventions: `reasoning_content` apart from `content` (message and
+stream deltas), `chat_template_kwargs.enable_thinking`, `thinking_budget`, `tools` with `<tool_call>` output parsed
+into `tool_calls`. Bad input gets a 4xx with an OpenAI error body that names the problem; the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import os
+import threading
+import time
+import uuid
+from collections import deque
+
+import jinja2
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from .engine import Chunk, Engine, make_request
+from .openai_types import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, Message
+from .sampling import SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content={"error": {
+            "message": self.message, "type": self.type, "param": self.param, "code": self.code or self.status}})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine loop: one thread, many requests
+
+class EngineLoop:
+    """The thread that owns the engine. `submit` queues requests (their chunks arrive on an asyncio queue, an
+    Exception if generation failed); `cancel` drops them, waiting or running, before the next step."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.waiting: deque = deque()  # (request, queue, event loop) not yet in a slot
+        self.cancelled: set[int] = set()
+        self.running: dict[int, tuple] = {}  # request.index -> (slot, queue, event loop); engine thread only
+        self.peak_running = 0  # most requests ever decoded together
+        self.cancelled_running = 0  # requests dropped mid-generation (their client went away)
+        self.ids = itertools.count()  # request.index: unique over the server's life, chunks are routed by it
+        self.wake = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="nanoqwen-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, requests: list, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        with self.wake:
+            self.waiting.extend((request, queue, loop) for request in requests)
+            self.wake.notify()
+
+    def cancel(self, requests: list) -> None:
+        with self.wake:
+            self.cancelled.update(r.index for r in requests)
+            self.wake.notify()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                self.wake.wait_for(lambda: self.waiting or self.cancelled or self.running or self.stopped)
+                if self.stopped:
+                    return
+                for index in self.cancelled & self.running.keys():  # a client went away: its slot is free now
+                    self.engine.cancel(self.running.pop(index)[0])
+                    self.cancelled_running += 1
+                self.waiting = deque(w for w in self.waiting if w[0].index not in self.cancelled)
+                self.cancelled.clear()
+                admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting),
+                                                                      len(self.engine.free_slots())))]
+            try:
+                chunks = self._admit(admitted) if admitted else []
+                chunks += self.engine.step()
+            except Exception as error:  # a bug or out of memory: fail the requests in flight, keep serving
+                for slot, queue, loop in [*self.running.values(), *[(None, q, l) for _, q, l in admitted]]:
+                    _put(loop, queue, error)
+                    if slot is not None:
+                        self.engine.cancel(slot)
+                self.running.clear()
+                continue
+            for chunk in chunks:
+                slot, queue, loop = self.running[chunk.index]
+                _put(loop, queue, chunk)
+                if chunk.finish_reason:
+                    del self.running[chunk.index]
+
+    def _admit(self, admitted: list) -> list[Chunk]:
+        slots = self.engine.free_slots()[:len(admitted)]  # the slots `add` fills, in order
+        for (request, queue, loop), slot in zip(admitted, slots):
+            self.running[request.index] = (slot, queue, loop)
+        self.peak_running = max(self.peak_running, len(self.running))
+        return self.engine.add([request for request, _, _ in admitted])
+
+
+def _put(loop, queue: asyncio.Queue, item) -> None:
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From OpenAI requests to engine requests
+
+def _message_dict(message: Message, i: int) -> dict:
+    """An OpenAI message as the chat template takes it (text parts joined, developer read as system)."""
+    content = message.content
+    if isinstance(content, list):
+        content = "".join(part.text for part in content)
+    if content is None and not (message.role == "assistant" and message.tool_calls):
+        raise APIError(400, f"messages[{i}].content is required for role '{message.role}'", f"messages.{i}.content")
+    out = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
+    if message.reasoning_content is not None:
+        out["reasoning_content"] = message.reasoning_content
+    if message.tool_calls:
+        out["tool_calls"] = [{"type": "function", "function": c.function.model_dump()} for c in message.tool_calls]
+    return out
+
+
+def _sampling(body, max_tokens: int | None, seed_offset: int) -> SamplingParams:
+    if body.frequency_penalty:
+        raise APIError(400, "frequency_penalty is not supported (use presence_penalty or repetition_penalty)",
+                       "frequency_penalty")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise APIError(400, f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", "stop")
+    return SamplingParams(max_new_tokens=max_tokens or 1, temperature=body.temperature, top_p=body.top_p,
+                          top_k=0 if body.top_k == -1 else body.top_k, min_p=body.min_p,
+                          presence_penalty=body.presence_penalty, repetition_penalty=body.repetition_penalty,
+                          stop=stop, seed=None if body.seed is None else body.seed + seed_offset,
+                          thinking_budget=body.thinking_budget)
+
+
+class Server:
+    """The state behind the routes: the model, its engine loop and the limits of a request."""
+
+    def __init__(self, model, tokenizer, model_name: str, max_batch: int, max_len: int):
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.max_batch, self.max_len = max_batch, max_len
+        self.loop = EngineLoop(Engine(model, tokenizer, batch_size=max_batch, max_len=max_len))
+
+    def requests(self, body, prompts: list, logprobs: int | None, **template) -> list:
+        """n engine requests per prompt, checked: a ValueError of the engine or the template is a 400."""
+        if body.model not in (None, self.model_name):
+            raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
+                           "model", code="model_not_found")
+        if len(prompts) * body.n > self.max_batch:
+            raise APIError(400, f"n ({body.n}) times the number of prompts ({len(prompts)}) must be at most "
+                                f"{self.max_batch} (the server's --max-batch)", "n")
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        out = []
+        for prompt in prompts:
+            for j in range(body.n):
+                try:
+                    request = make_request(self.model, self.tokenizer, prompt, _sampling(body, max_tokens, j),
+                                           index=next(self.loop.ids), context=self.max_len, **template)
+                except (ValueError, TypeError, KeyError, jinja2.TemplateError) as error:
+                    raise APIError(400, str(error), "messages" if template else "prompt") from None
+                room = self.max_len - len(request.prompt_ids)
+                if max_tokens and max_tokens > room:
+                    raise APIError(400, f"this server's context holds {self.max_len} tokens, but you asked for "
+                                        f"{len(request.prompt_ids) + max_tokens} ({len(request.prompt_ids)} in the "
+                                        f"prompt, {max_tokens} to generate)", "max_tokens")
+                request.params.max_new_tokens = max_tokens or room
+                request.logprobs = logprobs
+                out.append(request)
+        return out
+
+    def chat_requests(self, body: ChatCompletionRequest) -> list:
+        messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+        kwargs = body.chat_template_kwargs or {}
+        enable_thinking = kwargs.get("enable_thinking")
+        if not isinstance(enable_thinking, (bool, type(None))):
+            raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false", "chat_template_kwargs")
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        if isinstance(body.tool_choice, str) and body.tool_choice == "none":
+            tools = []  # the model is not told about them
+        elif body.tool_choice is not None and not isinstance(body.tool_choice, str):  # a named function
+            tools = [t for t in tools if t["function"]["name"] == body.tool_choice.function.name]
+            if not tools:
+                raise APIError(400, f"tool_choice names '{body.tool_choice.function.name}', which is not in tools",
+                               "tool_choice")
+        elif body.tool_choice == "required" and not tools:
+            raise APIError(400, "tool_choice 'required' needs tools", "tool_choice")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        return self.requests(body, [messages], top, enable_thinking=enable_thinking, tools=tools or None)
+
+    def completion_requests(self, body: CompletionRequest) -> list:
+        prompt = body.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise APIError(400, "prompt must not be empty", "prompt")
+        return self.requests(body, prompts, body.logprobs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Responses
+
+def _token_logprobs(tokenizer, chunks: list[Chunk], top: int) -> list[dict]:
+    """OpenAI chat logprobs entries of the tokens of these chunks (when the engine computed them)."""
+    def entry(token_id, logprob):
+        raw = tokenizer.decode_bytes([token_id])
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+    out = []
+    for chunk in chunks:
+        for token_id, (logprob, alternatives) in zip(chunk.token_ids, chunk.logprobs or []):
+            out.append({**entry(token_id, logprob), "top_logprobs": [entry(t, lp) for t, lp in alternatives[:top]]})
+    return out
+
+
+def _completion_logprobs(entries: list[dict]) -> dict:
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries]}
+
+
+def _usage(requests: list, results: list, n: int) -> dict:
+    prompt = sum(len(r.prompt_ids) for r in requests[::n])  # n choices of a prompt count it once, as OpenAI does
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "completion_tokens_details": {"reasoning_tokens": sum(r.reasoning_tokens for r in results)}}
+
+
+def _finish_reason(result) -> str:
+    return "tool_calls" if result.tool_calls else result.finish_reason
+
+
+def _tool_call_deltas(tool_calls: list) -> list[dict]:
+    return [{"index": k, **call} for k, call in enumerate(tool_calls)]
+
+
+class ChoiceText:
+    """The deltas of one streamed chat choice: reasoning and content as the final message has them (think tags and
+    outer newlines dropped), content held back from a `<tool_call>` on, which the last chunk sends parsed."""
+
+    def __init__(self):
+        self.raw = {"reasoning": "", "content": ""}
+        self.sent = {"reasoning_content": "", "content": ""}
+
+    def delta(self, chunk: Chunk) -> dict:
+        self.raw[chunk.kind] += chunk.text
+        visible = {"reasoning_content": self.raw["reasoning"].replace("<think>", "").replace("</think>", "").strip("\n"),
+                   "content": self.raw["content"].split("<tool_call>")[0].strip()}
+        if chunk.result is not None:
+            visible = {"reasoning_content": chunk.result.reasoning_content or "", "content": chunk.result.content}
+        delta = {}
+        for key, text in visible.items():
+            if text.startswith(self.sent[key]) and len(text) > len(self.sent[key]):
+                delta[key] = text[len(self.sent[key]):]
+                self.sent[key] = text
+        if chunk.result is not None and chunk.result.tool_calls:
+            delta["tool_calls"] = _tool_call_deltas(chunk.result.tool_calls)
+        return delta
+
+
+def _sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _chunks(server: Server, http: HTTPRequest, requests: list):
+    """Submit requests to the engine loop and yield their chunks as they come; cancels what is left on exit (the
+    stream was closed or the client went away)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    server.loop.submit(requests, queue)
+    left = len(requests)
+    try:
+        while left:
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:  # nothing yet (a long prefill, a full batch): is anyone still listening?
+                if await http.is_disconnected():
+                    return
+                continue
+            if isinstance(item, Exception):
+                raise APIError(500, f"generation failed: {item}", type="server_error")
+            left -= item.finish_reason is not None
+            yield item
+    finally:
+        if left:
+            server.loop.cancel(requests)
+
+
+async def _results(server: Server, http: HTTPRequest, requests: list):
+    chunks = {r.index: [] for r in requests}
+    async for chunk in _chunks(server, http, requests):
+        chunks[chunk.index].append(chunk)
+    return [chunks[r.index] for r in requests]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app
+
+def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: int | None = None,
+               api_key: str | None = None) -> FastAPI:
+    max_len = min(max_len or 4096, model.config.max_position_embeddings)
+    server = Server(model, tokenizer, model_name, max_batch, max_len)
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        server.loop.stop()
+
+    app = FastAPI(title="nanoqwen", version="0.1.0", description="OpenAI-compatible Qwen3 server", lifespan=lifespan)
+    app.state.server = server
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        if api_key and not (credentials and hmac.compare_digest(credentials.credentials.encode(), api_key.encode())):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", type="authentication_error",
+                           code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def api_error(_, error: APIError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_, error: RequestValidationError):
+        problems = []
+        for e in error.errors()[:3]:
+            where = ".".join(str(part) for part in e["loc"] if part != "body")
+            problems.append(("malformed JSON: " if e["type"] == "json_invalid" else "") + f"{where or 'body'}: {e['msg']}")
+        param = ".".join(str(p) for p in error.errors()[0]["loc"][1:]) if error.errors() else None
+        return APIError(400, "; ".join(problems) or "invalid request", param or None).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, error: HTTPException):
+        return APIError(error.status_code, str(error.detail), type="invalid_request_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": len(server.loop.running), "waiting": len(server.loop.waiting)}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanoqwen",
+                                            "max_model_len": max_len}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
+        requests = server.chat_requests(body)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        top = body.top_logprobs or 0
+        if body.stream:
+            return StreamingResponse(_chat_stream(server, http, requests, head, body, top),
+                                     media_type="text/event-stream")
+        choices, results = [], []
+        for i, chunks in enumerate(await _results(server, http, requests)):
+            result = chunks[-1].result
+            results.append(result)
+            message = {"role": "assistant", "content": result.content if result.content or not result.tool_calls
+                       else None, "reasoning_content": result.reasoning_content, "tool_calls": result.tool_calls or None}
+            logprobs = {"content": _token_logprobs(tokenizer, chunks, top)} if body.logprobs else None
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": _finish_reason(result)})
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(requests, results, body.n)}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        requests = server.completion_requests(body)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if body.stream:
+            return StreamingResponse(_completion_stream(server, http, requests, head, body),
+                                     media_type="text/event-stream")
+        choices, results = [], []
+        for i, chunks in enumerate(await _results(server, http, requests)):
+            results.append(chunks[-1].result)
+            logprobs = None if body.logprobs is None else \
+                _completion_logprobs(_token_logprobs(tokenizer, chunks, body.logprobs))
+            choices.append({"index": i, "text": chunks[-1].result.text, "logprobs": logprobs,
+                            "finish_reason": chunks[-1].result.finish_reason})
+        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(requests, results, body.n)}
+
+    return app
+
+
+async def _chat_stream(server: Server, http, requests: list, head: dict, body, top: int):
+    choice = {r.index: i for i, r in enumerate(requests)}
+    texts = {r.index: ChoiceText() for r in requests}
+    event = {**head, "object": "chat.completion.chunk"}
+    for i in range(len(requests)):
+        yield _sse({**event, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                          "logprobs": None, "finish_reason": None}]})
+    results = []
+    try:
+        async for chunk in _chunks(server, http, requests):
+            delta = texts[chunk.index].delta(chunk)
+            logprobs = {"content": _token_logprobs(server.tokenizer, [chunk], top)} if body.logprobs else None
+            if chunk.result is not None:
+                results.append(chunk.result)
+            if delta or chunk.result is not None or (logprobs and logprobs["content"]):
+                yield _sse({**event, "choices": [{"index": choice[chunk.index], "delta": delta, "logprobs": logprobs,
+                                                  "finish_reason": chunk.result and _finish_reason(chunk.result)}]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({**event, "choices": [], "usage": _usage(requests, results, body.n)})
+    except APIError as error:
+        yield _sse({"error": json.loads(error.response().body)["error"]})
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(server: Server, http, requests: list, head: dict, body):
+    choice = {r.index: i for i, r in enumerate(requests)}
+    event = {**head, "object": "text_completion"}
+    results = []
+    try:
+        async for chunk in _chunks(server, http, requests):
+            logprobs = None if body.logprobs is None else \
+                _completion_logprobs(_token_logprobs(server.tokenizer, [chunk], body.logprobs))
+            if chunk.result is not None:
+                results.append(chunk.result)
+            if chunk.text or chunk.result is not None:
+                yield _sse({**event, "choices": [{"index": choice[chunk.index], "text": chunk.text, "logprobs": logprobs,
+                                                  "finish_reason": chunk.finish_reason}]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield _sse({**event, "choices": [], "usage": _usage(requests, results, body.n)})
+    except APIError as error:
+        yield _sse({"error": json.loads(error.response().body)["error"]})
+    yield "data: [DONE]\n\n"
+
+
+def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
+          max_len: int | None = None, dtype=None, device=None, model_name: str | None = None) -> None:
+    """Load a checkpoint folder and serve it until interrupted."""
+    import uvicorn
+    from .engine import load
+    model, tokenizer = load(path, dtype=dtype, device=device)
+    name = model_name or os.path.basename(os.path.normpath(path))
+    app = create_app(model, tokenizer, name, max_batch=max_batch, max_len=max_len, api_key=api_key)
+    print(f"serving {name} on http://{host}:{port}/v1 ({max_batch} slots of {app.state.server.max_len} tokens)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
