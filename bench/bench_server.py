@@ -55,7 +55,8 @@ def start_server(path: str, port: int, max_batch: int, args) -> subprocess.Popen
     command = [sys.executable, "-m", "nanoqwen", "serve", "--model", path, "--port", str(port),
                "--max-batch", str(max_batch), "--max-len", str(args.prompt_len + args.max_tokens + 8)]
     command += ["--device", args.device] + (["--dtype", args.dtype] if args.dtype else [])
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)  # keep the caller's path
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(command, env=env, cwd=REPO)
 
 
@@ -129,7 +130,7 @@ def main():
             url = f"http://127.0.0.1:{port}"
             server = start_server(path, port, max_batch, args)
             try:
-                wait_until_up(url)
+                wait_until_up(url, server)
                 asyncio.run(run_level(url, prompts[:2], 4, 2))  # warm-up: on CUDA this compiles the decode step
                 for clients in levels:
                     r = asyncio.run(run_level(url, prompts, args.max_tokens, clients))
@@ -141,9 +142,11 @@ def main():
                 server.wait(timeout=30)
 
 
-def wait_until_up(url: str, seconds: float = 300) -> None:
+def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 300) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.returncode} before answering")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
