@@ -1,0 +1,139 @@
+"""Training throughput and MFU of nanoqwen's Trainer vs transformers' model with the same optimizer, in the same run.
+
+    python bench/bench_train.py                     # CPU: nano-d8 and nano-moe-d8 at 4 x 256, fp32
+    python bench/bench_train.py --device cuda       # H100: the Qwen3-0.6B shape at 4 x 4096, bf16 (< 5 minutes)
+
+Every variant runs the same step: forward with the fused next-token loss, backward, gradient clipping, fused AdamW
+(same weight-decay groups and hyper-parameters) under bf16 autocast. nanoqwen goes through `Trainer.train_step`
+(loss normalisation, clipping, logging values included). Rows are plain causal sequences for both models; the
+"packed" line adds document_ids (4 documents per row), which takes SDPA off its flash kernel.
+MFU = tokens/s * (6 * matmul params + 6 * layers * heads * head_dim * seq) / 989e12 (H100 SXM dense bf16).
+"""
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import nanoqwen  # noqa: E402
+from nanoqwen.config import get_preset  # noqa: E402
+from nanoqwen.train.trainer import PEAK_FLOPS, TrainConfig, Trainer, flops_per_token  # noqa: E402
+
+
+def batches(config, batch, seq, device, packed):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    out = dict(input_ids=ids, labels=ids.clone())
+    if packed:
+        out["document_ids"] = (torch.arange(seq) // (seq // 4))[None].expand(batch, seq).contiguous()
+    return itertools.repeat({k: v.to(device) for k, v in out.items()})
+
+
+def time_steps(step, steps, warmup, device):
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def nanoqwen_rate(path, config, batch, seq, dtype, device, steps, warmup, compile=False, packed=False):
+    model = nanoqwen.load_model(path, dtype=dtype)
+    with tempfile.TemporaryDirectory() as out:
+        train = TrainConfig(out_dir=out, steps=10**9, batch_size=batch, lr=1e-5, progress=False, compile=compile)
+        trainer = Trainer(model, train, batches(config, batch, seq, device, packed), device=device)
+        return batch * seq / time_steps(trainer.train_step, steps, warmup, device)
+
+
+def transformers_rate(path, config, batch, seq, dtype, device, steps, warmup):
+    """transformers' model in the same loop: the Trainer's AdamW groups, clipping and autocast."""
+    import transformers
+    cls = transformers.Qwen3MoeForCausalLM if config.is_moe else transformers.Qwen3ForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=rest, weight_decay=0.0)],
+                                  lr=1e-5, betas=(0.9, 0.95), fused=device == "cuda")
+    data = next(batches(config, batch, seq, device, packed=False))
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(input_ids=data["input_ids"], labels=data["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+    return batch * seq / time_steps(step, steps, warmup, device)
+
+
+def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile):
+    torch.manual_seed(0)
+    tmp = tempfile.TemporaryDirectory()
+    model = nanoqwen.Qwen3ForCausalLM(config)
+    model.init_weights()
+    nanoqwen.save_model(model.to(dtype), tmp.name)
+    del model
+    args = (tmp.name, config, batch, seq, dtype, device, steps, warmup)
+    variants = [("nanoqwen Trainer", lambda: nanoqwen_rate(*args))]
+    if compile:
+        variants += [("nanoqwen Trainer + compile", lambda: nanoqwen_rate(*args, compile=True)),
+                     ("nanoqwen + compile, packed", lambda: nanoqwen_rate(*args, compile=True, packed=True))]
+    else:
+        variants += [("nanoqwen packed", lambda: nanoqwen_rate(*args, packed=True))]
+    variants.append(("transformers", lambda: transformers_rate(*args)))
+    fpt, peak, results = flops_per_token(config, seq), PEAK_FLOPS.get(device), {}
+    for label, measure in variants:
+        try:
+            results[label] = measure()
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            print(f"{label}: failed: {str(e).splitlines()[0][:160]}")
+            results[label] = float("nan")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    tmp.cleanup()
+    print(f"\n## {name}: batch {batch} x seq {seq}, {str(dtype).replace('torch.', '')}, {device}, "
+          f"{config.num_parameters() / 1e6:.1f}M params, {fpt / 1e9:.2f} GFLOP/token")
+    print(f"{'implementation':28s} {'tokens/s':>12s} {'vs transformers':>16s} {'MFU':>7s} {'TFLOP/s':>8s}")
+    for label, rate in results.items():
+        mfu = f"{rate * fpt / peak * 100:6.1f}%" if peak else "   n/a"
+        print(f"{label:28s} {rate:12,.0f} {rate / results['transformers']:15.2f}x {mfu} {rate * fpt / 1e12:8.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--fp32-master", action="store_true", help="fp32 weights under bf16 autocast (default: bf16)")
+    args = ap.parse_args()
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        steps, warmup = args.steps or 10, 3
+        cases = [("Qwen3-0.6B", get_preset("Qwen3-0.6B"), args.batch or 4, 4096)]
+        dtype, compile = (torch.float32 if args.fp32_master else torch.bfloat16), not args.no_compile
+    else:
+        torch.set_num_threads(os.cpu_count())
+        steps, warmup = args.steps or 5, 2
+        cases = [("nano-d8 (dense)", get_preset("nano-d8"), args.batch or 4, 256),
+                 ("nano-moe-d8 (MoE)", get_preset("nano-moe-d8"), args.batch or 4, 256)]
+        dtype, compile = torch.float32, False
+    import transformers
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {args.device}"
+          + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" ({os.cpu_count()} cores)"))
+    for name, config, batch, seq in cases:
+        run_case(name, config, batch, seq, dtype, args.device, steps, warmup, compile)
+
+
+if __name__ == "__main__":
+    main()

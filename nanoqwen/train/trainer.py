@@ -1,0 +1,413 @@
+"""The one training core shared by every stage (pre-training, SFT, RL, distillation).
+
+A stage supplies a model, a batch source (any iterator of batch dicts; if it has state_dict/load_state_dict its
+position is checkpointed) and optionally a loss function `loss_fn(model, batch, expert_counter) -> (mean loss,
+number of target tokens)`; micro-batches weigh by their label count (1 each when a batch has no labels). The
+Trainer owns the rest: AdamW with weight-decay groups, the LR schedule, gradient
+accumulation and clipping, bf16 autocast on GPU (fp32 on CPU), FSDP2/DDP under torchrun, logging and checkpoints.
+
+Weight decay: matrices (attention, MLP, experts, router) decay; norms and the token embedding (and the lm_head tied
+to it) do not: a norm gain is a scale, not a feature detector, and decaying rare tokens' embeddings erases them.
+
+Checkpoint layout: OUT/step_NNNNNN/ = an HF model folder (config.json, model.safetensors, tokenizer files) plus
+trainer_state.pt (optimizer, scheduler, step, data position, RNG states of every rank). Full (unsharded) tensors are
+gathered to rank 0, so a checkpoint resumes on any number of ranks. Written into OUT/.tmp-*, fsynced, renamed, then
+OUT/latest (one line: the folder name) is replaced atomically; the previous checkpoint is deleted only after that.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import atomic_write, load_model, save_model
+from ..model import ExpertCounter, Qwen3ForCausalLM
+from .parallelize import is_distributed, parallelize
+
+PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16; MFU is not reported on CPU
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    steps: int
+    batch_size: int = 8          # rows per micro-batch per rank
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1    # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 0
+    schedule: str = "cosine"     # "cosine" or "wsd" (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0          # 0: evaluate only at the end (when there is held-out data)
+    save_every: int = 0          # 0: save only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+    parallel: str = "fsdp"       # under torchrun: "fsdp" (FSDP2) or "ddp"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    progress: bool = True        # tqdm bar on rank 0
+    wandb_project: str | None = None
+    tensorboard: bool = False
+
+
+def lr_multiplier(step: int, c: TrainConfig) -> float:
+    """Linear warmup, then cosine to min_lr_ratio, or stable then linear decay over the last decay_fraction (WSD)."""
+    if step < c.warmup_steps:
+        return (step + 1) / c.warmup_steps
+    if c.schedule == "cosine":
+        progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = int(c.steps * (1 - c.decay_fraction))
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - c.min_lr_ratio) * min(1.0, (step - decay_start) / max(1, c.steps - decay_start))
+
+
+def lm_loss(model, batch: dict, expert_counter=None):
+    """Next-token loss of a batch with input_ids, labels and (packed rows) document_ids; and its target count."""
+    loss = model(**batch, expert_counter=expert_counter).loss
+    return loss, (batch["labels"][:, 1:] != -100).sum()
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per active matmul weight, plus causal attention."""
+    matmul = config.num_parameters(active_only=True) - (0 if config.tie_word_embeddings else
+                                                        config.vocab_size * config.hidden_size)
+    return 6 * matmul + 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+
+
+def _all_reduce(value: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(value)
+    return value
+
+
+class Trainer:
+    def __init__(self, model: Qwen3ForCausalLM, config: TrainConfig, train_data, eval_batches: list | None = None,
+                 loss_fn=lm_loss, tokenizer=None, device=None, resume_from: str | None = None):
+        self.config, self.tokenizer, self.loss_fn = config, tokenizer, loss_fn
+        self.rank = dist.get_rank() if is_distributed() else 0
+        self.world_size = dist.get_world_size() if is_distributed() else 1
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.train_data, self.eval_batches = train_data, eval_batches or []
+        self.step, self.history = 0, []
+        state = None
+        if resume_from:  # weights go in before sharding; the rest after the optimizer exists
+            state = self._read_checkpoint(resume_from, model)
+        self.raw_model = model
+        self.model = parallelize(model, self.device, config.parallel, config.compile, config.activation_checkpointing)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, config))
+        self.expert_counter = ExpertCounter() if model.config.is_moe else None
+        if state is not None:
+            self._restore(state)
+        self.train_iter = iter(train_data)
+
+    # --- setup ---
+    def _make_optimizer(self):
+        decay, no_decay = [], []
+        for name, p in self.raw_model.named_parameters():  # tied lm_head is the embedding: listed once
+            (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
+        groups = [dict(params=decay, weight_decay=self.config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        c = self.config
+        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=self.device.type == "cuda")
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    # --- one optimizer step ---
+    def train_step(self) -> dict:
+        """grad_accum micro-batches, the loss normalised by the target tokens of the whole global batch (so N ranks
+        with batch B compute exactly what one process with batch N*B computes), clip, step."""
+        c = self.config
+        self.model.train()
+        batches = [_to_device(next(self.train_iter), self.device) for _ in range(c.grad_accum)]
+        t0, ids = time.perf_counter(), batches[0].get("input_ids")
+        self.seq_len = ids.shape[-1] if torch.is_tensor(ids) else 0
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = sum(b["input_ids"].numel() for b in batches if torch.is_tensor(b.get("input_ids"))) * self.world_size
+        # each micro-batch weighs by its target tokens (a batch without labels: by 1, a mean of means)
+        counts = [(b["labels"][:, 1:] != -100).sum().float() if torch.is_tensor(b.get("labels"))
+                  else torch.ones((), device=self.device) for b in batches]
+        total_targets = _all_reduce(torch.stack(counts).sum()).clamp(min=1)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+            sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else contextlib.nullcontext()
+            with sync, self._autocast():
+                loss, _ = self.loss_fn(self.model, batch, self.expert_counter)
+                (loss * counts[i] * self.world_size / total_targets).backward()  # DDP/FSDP average over ranks
+            loss_sum += loss.detach().float() * counts[i]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else 1e30)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.expert_counter is not None:
+            self.expert_counter.reset()
+        loss_value = (_all_reduce(loss_sum) / total_targets).item()
+        self.step += 1
+        return dict(step=self.step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), tokens=tokens,
+                    dt=time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean next-token loss over the held-out batches (each rank its own, weighted by target count)."""
+        if not self.eval_batches:
+            return None
+        self.model.eval()
+        total, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for batch in self.eval_batches:
+            batch = _to_device(batch, self.device)
+            with self._autocast():
+                loss, n = self.loss_fn(self.model, batch, None)
+            total, count = total + loss.float() * n, count + n
+        self.model.train()
+        return (_all_reduce(total) / _all_reduce(count).clamp(min=1)).item()
+
+    # --- the loop ---
+    def train(self) -> list[dict]:
+        c, main = self.config, self.rank == 0
+        fpt, peak = None, PEAK_FLOPS.get(self.device.type)
+        bar = _progress_bar(c.steps, self.step) if main and c.progress else None
+        loggers = _experiment_loggers(c) if main else []
+        started, start_step = time.perf_counter(), self.step
+        while self.step < c.steps:
+            record = self.train_step()
+            if fpt is None:
+                fpt = flops_per_token(self.raw_model.config, self.seq_len)
+            record["tok_per_s"] = record["tokens"] / record["dt"]
+            record["mfu"] = record["tok_per_s"] * fpt / peak / self.world_size if peak else None
+            at_end = self.step == c.steps
+            if (c.eval_every and self.step % c.eval_every == 0) or at_end:
+                record["val_loss"] = self.evaluate()
+            self.history.append(record)
+            if main:
+                self._log(record, bar, loggers, started, start_step)
+            if (c.save_every and self.step % c.save_every == 0) or at_end:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if main and self.history:
+            plot_losses(os.path.join(c.out_dir, "metrics.jsonl"), os.path.join(c.out_dir, "loss.png"))
+        for logger in loggers:
+            logger.close()
+        return self.history
+
+    def _log(self, r: dict, bar, loggers, started: float, start_step: int) -> None:
+        c = self.config
+        os.makedirs(c.out_dir, exist_ok=True)
+        with open(os.path.join(c.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n")
+        for logger in loggers:
+            logger.log(r)
+        if bar is not None:
+            bar.update(1)
+        if r["step"] % c.log_every and r["step"] != c.steps and "val_loss" not in r:
+            return
+        eta = (time.perf_counter() - started) / (r["step"] - start_step) * (c.steps - r["step"])
+        line = (f"step {r['step']:6d}/{c.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm "
+                f"{r['grad_norm']:.3f} | {r['tok_per_s']:,.0f} tok/s | MFU "
+                + (f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a") + f" | ETA {_duration(eta)}"
+                + (f" | val loss {r['val_loss']:.4f}" if r.get("val_loss") is not None else ""))
+        (bar.write if bar is not None else print)(line)
+
+    # --- checkpoints ---
+    def save_checkpoint(self) -> str | None:
+        """Gather full tensors to rank 0 and write OUT/step_NNNNNN atomically; returns its path on rank 0."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        module = self.raw_model
+        if is_distributed():
+            weights = get_model_state_dict(module, options=options)
+            optimizer = get_optimizer_state_dict(module, self.optimizer, options=options)
+            rng = [None] * self.world_size
+            dist.all_gather_object(rng, _rng_state())
+        else:
+            weights, optimizer, rng = None, get_optimizer_state_dict(module, self.optimizer, options=options), \
+                [_rng_state()]
+        path = None
+        if self.rank == 0:
+            model = module
+            if weights is not None:  # a plain CPU copy in the HF layout
+                with torch.device("meta"):
+                    model = Qwen3ForCausalLM(module.config)
+                model.load_state_dict(weights, assign=True)
+                model.tie_weights()
+            data = self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None
+            state = dict(step=self.step, optimizer=optimizer, scheduler=self.scheduler.state_dict(), data=data,
+                         rng=rng, train_config=asdict(self.config), history=self.history)
+            path = write_checkpoint(self.config.out_dir, self.step, model, state, self.tokenizer,
+                                    self.config.keep_checkpoints)
+        if is_distributed():
+            dist.barrier()
+        return path
+
+    def _read_checkpoint(self, path: str, model) -> dict:
+        state_file = os.path.join(path, "trainer_state.pt")
+        if not os.path.exists(state_file):
+            raise FileNotFoundError(f"{path} is not a training checkpoint (no trainer_state.pt)")
+        check_compatible(path, model.config)
+        saved = load_model(path, dtype=torch.float32)
+        model.load_state_dict(saved.state_dict())
+        return torch.load(state_file, map_location="cpu", weights_only=False)
+
+    def _restore(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["data"] is not None and hasattr(self.train_data, "load_state_dict"):
+            self.train_data.load_state_dict(state["data"])
+        rng = state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0]
+        _set_rng_state(rng)
+        self.step, self.history = state["step"], state.get("history", [])
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def check_compatible(path: str, config) -> None:
+    """A checkpoint resumes only into a model of the same shape; one clear line names the first difference."""
+    from ..config import Qwen3Config
+    saved = Qwen3Config.from_json(path)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "num_experts", "moe_intermediate_size", "tie_word_embeddings"):
+        if getattr(saved, field) != getattr(config, field):
+            raise ValueError(f"checkpoint {path} is incompatible with this model: {field} is "
+                             f"{getattr(saved, field)} there, {getattr(config, field)} here")
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The folder OUT/latest names, or None."""
+    pointer = os.path.join(out_dir, "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(out_dir, f.read().strip())
+    return path if os.path.isdir(path) else None
+
+
+def write_checkpoint(out_dir: str, step: int, model, state: dict, tokenizer=None, keep: int = 2) -> str:
+    """Model (HF layout), tokenizer and trainer_state.pt into a temporary folder, fsync, rename, repoint `latest`."""
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in os.listdir(out_dir):  # left behind by a crash during an earlier write
+        if stale.startswith(".tmp-step_"):
+            shutil.rmtree(os.path.join(out_dir, stale), ignore_errors=True)
+    name = f"step_{step:06d}"
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-step_")
+    os.chmod(tmp, 0o755)
+    save_model(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    for file in os.listdir(tmp):
+        with open(os.path.join(tmp, file), "rb") as f:
+            os.fsync(f.fileno())
+    final = os.path.join(out_dir, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(out_dir)
+    atomic_write(os.path.join(out_dir, "latest"), (name + "\n").encode())
+    steps = sorted(d for d in os.listdir(out_dir) if d.startswith("step_") and d != name)
+    for old in steps[:max(0, len(steps) - (keep - 1))]:
+        shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict:
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False)
+
+
+def _experiment_loggers(c: TrainConfig) -> list:
+    """wandb and tensorboard, when asked for and installed (both off by default)."""
+    loggers = []
+    if c.wandb_project:
+        try:
+            import wandb
+            run = wandb.init(project=c.wandb_project, config=asdict(c))
+            loggers.append(type("W", (), dict(log=lambda self, r: run.log(r, step=r["step"]),
+                                              close=lambda self: run.finish()))())
+        except ImportError:
+            print("wandb is not installed: logging to metrics.jsonl only")
+    if c.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(c.out_dir, "tensorboard"))
+            loggers.append(type("T", (), dict(
+                log=lambda self, r: [writer.add_scalar(k, v, r["step"]) for k, v in r.items()
+                                     if isinstance(v, float)], close=lambda self: writer.close()))())
+        except ImportError:
+            print("tensorboard is not installed: logging to metrics.jsonl only")
+    return loggers
+
+
+def plot_losses(metrics_file: str, png_file: str) -> None:
+    """Training and held-out loss against step, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = {}
+    with open(metrics_file) as f:
+        for line in f:  # a resumed run appends again from its step: the last record of a step wins
+            r = json.loads(line)
+            records[r["step"]] = r
+    steps = sorted(records)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [records[s]["loss"] for s in steps], label="train")
+    val = [s for s in steps if "val_loss" in records[s]]
+    if val:
+        ax.plot(val, [records[s]["val_loss"] for s in val], "o-", label="held-out")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_file, dpi=100)
+    plt.close(fig)
