@@ -226,6 +226,160 @@ def cmd_tokenizer_train(args):
     print(f"trained a {tokenizer.vocab_size:,}-token tokenizer, saved to {args.out}")
 
 
+# --- post-training (nanoqwen/train/posttrain.py): sft, rl, rm, eval ---
+
+def _task_filter(args) -> dict:
+    """--tasks a,b --difficulty 1-2 --languages en as iter_examples keywords."""
+    lo, _, hi = args.difficulty.partition("-")
+    return dict(tasks=args.tasks.split(",") if args.tasks else None, difficulty=(int(lo), int(hi or lo)),
+                languages=args.languages.split(",") if args.languages else None)
+
+
+def _train_options(args) -> dict:
+    return dict(log_every=args.log_every, progress=not args.no_progress, save_every=args.save_every)
+
+
+def cmd_sft(args):
+    """Post-training SFT: --stage coldstart (long-CoT traces) or fusion (/think + /no_think mix)."""
+    import os
+    from .train import posttrain
+    from .train.sft import read_jsonl, run_sft
+    model = posttrain.resolve(args.model)
+    if args.data:
+        records = read_jsonl(args.data, on_bad_line=args.on_bad_line)
+    elif args.stage == "coldstart":
+        records = posttrain.coldstart_data(model, args.samples, args.seed, not args.no_filter, **_task_filter(args))
+    else:
+        records = posttrain.fusion_data(model, args.samples, args.seed, **_task_filter(args))
+    if not args.data:
+        print(f"data: {posttrain.write_jsonl(records, os.path.join(args.out, f'{args.stage}.jsonl'))}")
+    path = run_sft(model, records, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                   max_len=args.max_len, seed=args.seed, resume=args.resume, **_train_options(args))
+    print(f"sft {args.stage} done: {path}")
+
+
+def cmd_rl(args):
+    """GRPO: --stage reasoning (verifier + format rewards) or general (rule, judge and reward-model rewards)."""
+    import os
+    import torch
+    from .engine import load
+    from .train import posttrain
+    from .train.grpo import GRPOConfig, run_grpo
+    from .train.reward_model import RewardModel
+    from .train.sft import read_jsonl
+    model, tokenizer = load(posttrain.resolve(args.model), dtype=torch.float32, device="cpu")
+    judge = load(posttrain.resolve(args.judge), device="cpu")[0] if args.judge else None
+    reward_model = RewardModel(posttrain.resolve(args.rm)) if args.rm else None
+    if args.prompts:
+        prompts = read_jsonl(args.prompts, lambda r: None if isinstance(r, dict) and isinstance(r.get("messages"), list)
+                             else "a prompt needs a 'messages' list", args.on_bad_line)
+    elif args.stage == "reasoning":
+        prompts = posttrain.rl_prompts(args.samples, args.seed + 1, **_task_filter(args))
+    else:
+        prompts = posttrain.general_prompts(args.samples, args.seed + 2, judge is not None, reward_model is not None,
+                                            **_task_filter(args))
+    if not args.prompts:
+        print(f"prompts: {posttrain.write_jsonl(prompts, os.path.join(args.out, f'{args.stage}_prompts.jsonl'))}")
+    reference = load(posttrain.resolve(args.model), device="cpu")[0] if args.kl_coef > 0 else None
+    config = GRPOConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                        iterations=args.iterations, micro_batch=args.micro_batch, clip_low=args.clip_low,
+                        clip_high=args.clip_high, kl_coef=args.kl_coef, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, seed=args.seed)
+    path = run_grpo(model, tokenizer, prompts, args.out, args.steps, config, lr=args.lr, reference=reference,
+                    judge=judge, reward_model=reward_model, **_train_options(args))
+    print(f"rl {args.stage} done: {path}")
+
+
+def cmd_rm(args):
+    """Train a reward model (scalar head, Bradley-Terry) on preference pairs; built from rollouts without --pairs."""
+    import os
+    from .train import posttrain
+    from .train.reward_model import pairwise_accuracy, run_rm
+    model = posttrain.resolve(args.model)
+    pairs = args.pairs
+    if not pairs:
+        pairs = posttrain.write_jsonl(posttrain.preference_pairs(model, args.samples, args.seed, **_task_filter(args)),
+                                      os.path.join(args.out, "pairs.jsonl"))
+    path = run_rm(model, pairs, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                  on_bad_line=args.on_bad_line, **_train_options(args))
+    print(f"rm done: {path}  (pairwise accuracy on its training pairs {pairwise_accuracy(path, pairs):.3f})")
+
+
+def cmd_eval(args):
+    """Held-out accuracy (pass@1, pass@k, both modes), ThinkFollow, thinking length and the budget curve."""
+    from .train.evaluate import evaluate
+    budgets = tuple(None if b == "inf" else int(b) for b in args.budgets.split(","))
+    evaluate(args.model, n=args.samples, k=args.k, seed=args.seed, budgets=budgets,
+             max_new_tokens=args.max_new_tokens, out_dir=args.out or args.model, device=args.device,
+             **_task_filter(args))
+
+
+def _add_posttrain_parsers(sub) -> None:
+    def common(p, steps, batch_size, lr, samples):
+        _one_line_errors(p)
+        p.add_argument("--model", required=True, help="checkpoint folder, or a run folder with a `latest` file")
+        p.add_argument("--out", required=True)
+        p.add_argument("--steps", type=_positive_int, default=steps)
+        p.add_argument("--lr", type=float, default=lr)
+        p.add_argument("--samples", type=_positive_int, default=samples, help="generated problems (no data file)")
+        p.add_argument("--tasks", default=None, help="task families, comma-separated (default: all)")
+        p.add_argument("--difficulty", default="1-5", help="N or LO-HI")
+        p.add_argument("--languages", default=None, help="comma-separated: en,zh,fr")
+        p.add_argument("--on-bad-line", choices=["skip", "error"], default="skip", help="malformed JSONL lines")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--log-every", type=_positive_int, default=10)
+        p.add_argument("--save-every", type=int, default=0)
+        p.add_argument("--no-progress", action="store_true")
+        if batch_size:
+            p.add_argument("--batch-size", type=_positive_int, default=batch_size)
+
+    p = sub.add_parser("sft", help="post-training SFT: long-CoT cold start or thinking-mode fusion")
+    common(p, 200, 16, 1e-3, 512)
+    p.add_argument("--stage", choices=["coldstart", "fusion"], required=True)
+    p.add_argument("--data", default=None, help="conversations JSONL (OpenAI messages); default: built from tasks")
+    p.add_argument("--max-len", type=_positive_int, default=1024)
+    p.add_argument("--no-filter", action="store_true", help="coldstart: keep queries the model answers directly")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("rl", help="GRPO: reasoning RL or general RL")
+    common(p, 20, 0, 1e-4, 512)
+    p.add_argument("--stage", choices=["reasoning", "general"], required=True)
+    p.add_argument("--prompts", default=None, help="RL prompts JSONL (messages, verifier, answer); default: tasks")
+    p.add_argument("--judge", default=None, help="judge checkpoint for the model-based reward with a reference")
+    p.add_argument("--rm", default=None, help="reward model checkpoint (nanoqwen rm) for the reward without one")
+    p.add_argument("--prompts-per-step", type=_positive_int, default=8)
+    p.add_argument("--group-size", type=_positive_int, default=8)
+    p.add_argument("--iterations", type=_positive_int, default=2)
+    p.add_argument("--micro-batch", type=_positive_int, default=16)
+    p.add_argument("--clip-low", type=float, default=0.2)
+    p.add_argument("--clip-high", type=float, default=0.28)
+    p.add_argument("--kl-coef", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("rm", help="train a reward model on preference pairs (Bradley-Terry)")
+    common(p, 100, 8, 3e-4, 256)
+    p.add_argument("--pairs", default=None, help="pairs JSONL (messages, chosen, rejected); default: from rollouts")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("eval", help="held-out accuracy, ThinkFollow and the thinking-budget curve")
+    _one_line_errors(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", default=None, help="folder for eval.json and budget.png (default: the model folder)")
+    p.add_argument("--samples", type=_positive_int, default=64, help="held-out problems")
+    p.add_argument("--k", type=_positive_int, default=4, help="samples per problem for pass@k")
+    p.add_argument("--budgets", default="0,16,32,64,128,inf")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--tasks", default=None)
+    p.add_argument("--difficulty", default="1-5")
+    p.add_argument("--languages", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval)
+
+
 def _number(kind, ok, requirement: str):
     """An argparse type: a number of `kind` for which ok(value) holds, else a one-line error."""
     def parse(text):
@@ -363,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-documents", type=_positive_int, default=100_000)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_tokenizer_train)
+    _add_posttrain_parsers(sub)
     return parser
 
 

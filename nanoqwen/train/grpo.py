@@ -1,0 +1,190 @@
+"""GRPO (post-training stages 2 and 4) on the shared Trainer: the rollout batch is the Trainer's data source, the
+clipped-ratio objective its loss function.
+
+One RL step: take P prompts, sample a group of G answers each through the engine (batched), score them
+(rewards.score), turn the rewards into group-normalised advantages, record the sampling policy's token log-probs,
+then run `iterations` optimizer steps over that batch (the Trainer counts those). The loss:
+
+    ratio_t   = exp(logp_t - old_logp_t)                       per response token t
+    loss_t    = -min(ratio_t * A, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A)  [+ kl_coef * KL_t to a reference]
+    loss      = sum_t loss_t / number of response tokens       token-level: long answers weigh by their length
+
+Prompts: JSONL, one a line: {"messages": [...], "verifier": "arithmetic", "answer": "55", "meta": {...},
+"reward": "verifier" | "rule" | "judge" | "rm", "constraints": [...]} (see rewards.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import encode_prompt, generate_batch
+from . import rewards
+from .sft import pad_batch
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 8
+    group_size: int = 8           # G answers per prompt
+    iterations: int = 2           # optimizer steps per rollout batch (>1 makes the ratio and its clipping matter)
+    micro_batch: int = 16         # rows per forward/backward
+    clip_low: float = 0.2
+    clip_high: float = 0.28       # DAPO's clip-higher; 0.2 is symmetric PPO clipping
+    kl_coef: float = 0.0          # KL to the reference (the starting weights); off by default, as in the report
+    eps: float = 1e-4             # in (r - mean) / (std + eps)
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    format_weight: float = 0.2
+    seed: int = 0
+
+
+def group_advantages(rewards_: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean) / (std + eps) within each group (rows of a P x G tensor); population std."""
+    mean, std = rewards_.mean(dim=1, keepdim=True), rewards_.std(dim=1, correction=0, keepdim=True)
+    return (rewards_ - mean) / (std + eps)
+
+
+def grpo_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, ref_logp=None, kl_coef=0.0):
+    """Clipped-ratio policy loss over response tokens (mask 1), normalised by the token count; and its stats.
+    logp, old_logp, ref_logp, mask: (B, T); advantages: (B,)."""
+    advantage = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantage
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantage
+    per_token = -torch.minimum(unclipped, clipped)
+    if ref_logp is not None and kl_coef > 0:  # k3 estimator of KL(pi || ref): exp(d) - d - 1, d = ref - logp
+        delta = ref_logp - logp
+        per_token = per_token + kl_coef * (torch.exp(delta) - delta - 1)
+    tokens = mask.sum().clamp(min=1)
+    loss = (per_token * mask).sum() / tokens
+    clip_fraction = ((clipped < unclipped).float() * mask).sum() / tokens
+    return loss, dict(clip_fraction=clip_fraction.item())
+
+
+def token_logprobs(model, input_ids: torch.Tensor, with_entropy: bool = False):
+    """log p(token t+1 | tokens <= t) for every position: (B, T-1); and the mean entropy per position."""
+    logits = model(input_ids).logits[:, :-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1) if with_entropy else None
+    return chosen, entropy
+
+
+class GRPO:
+    """Rollout source and loss for the Trainer: Trainer(model, cfg, grpo, loss_fn=grpo.loss, ...)."""
+
+    def __init__(self, model, tokenizer, prompts: list[dict], config: GRPOConfig, out_dir: str, reference=None,
+                 judge=None, reward_model=None):
+        self.model, self.tokenizer, self.prompts, self.c = model, tokenizer, prompts, config
+        self.reference, self.judge, self.reward_model, self.out_dir = reference, judge, reward_model, out_dir
+        self.queue, self.step, self.position, self.pending, self.loss_stats = [], 0, 0, None, []
+        rows = config.prompts_per_step * config.group_size
+        self.micro_batch = min(config.micro_batch, rows)
+        if rows % self.micro_batch:
+            raise ValueError(f"prompts_per_step x group_size ({rows}) must be a multiple of micro_batch")
+        self.grad_accum = rows // self.micro_batch
+
+    def state_dict(self) -> dict:
+        return dict(step=self.step, position=self.position)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.position = state["step"], state["position"]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self.queue:
+            self.queue = self.rollout()
+        return self.queue.pop(0)
+
+    @torch.no_grad()
+    def rollout(self) -> list[dict]:
+        """Sample, score, normalise; the micro-batches of all `iterations` passes."""
+        self.log_previous()
+        c, model, device = self.c, self.model, self.model.lm_head.weight.device
+        records = [self.prompts[(self.position + i) % len(self.prompts)] for i in range(c.prompts_per_step)]
+        self.position += c.prompts_per_step
+        prompts = [r["messages"] for r in records for _ in range(c.group_size)]
+        was_training, t0 = model.training, time.perf_counter()
+        model.eval()
+        results = generate_batch(model, self.tokenizer, prompts, max_new_tokens=c.max_new_tokens,
+                                 temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                 seed=c.seed * 1_000_003 + self.step * len(prompts))
+        generate_s = time.perf_counter() - t0
+        scored = [rewards.score(records[i // c.group_size], r.text, self.judge, self.reward_model, self.tokenizer,
+                                c.format_weight) for i, r in enumerate(results)]
+        reward = torch.tensor([s[0] for s in scored], dtype=torch.float32).view(c.prompts_per_step, c.group_size)
+        advantages = group_advantages(reward, c.eps).flatten()
+        rows = []
+        for prompt, result in zip(prompts, results):
+            ids = encode_prompt(self.tokenizer, prompt) + result.token_ids
+            rows.append((ids, [-100] * (len(ids) - len(result.token_ids)) + result.token_ids))
+        batches = []
+        for start in range(0, len(rows), self.micro_batch):
+            batch = pad_batch(rows[start:start + self.micro_batch], self.tokenizer.pad_token_id)
+            batch["advantages"] = advantages[start:start + self.micro_batch]
+            batch["old_logp"] = token_logprobs(model, batch["input_ids"].to(device))[0].cpu()
+            if self.reference is not None and c.kl_coef > 0:
+                batch["ref_logp"] = token_logprobs(self.reference, batch["input_ids"].to(device))[0].cpu()
+            batches.append(batch)
+        model.train(was_training)
+        self.step += 1
+        self.pending = dict(rl_step=self.step, reward=reward.mean().item(),
+                            accuracy=sum(s[1] for s in scored) / len(scored),
+                            response_length=sum(r.completion_tokens for r in results) / len(results),
+                            truncated=sum(r.finish_reason == "length" for r in results) / len(results),
+                            generate_s=generate_s, gen_tok_per_s=sum(r.completion_tokens for r in results) / generate_s,
+                            train_start=t0 + generate_s)  # scoring, old log-probs and optimizer steps
+        return batches * c.iterations
+
+    def loss(self, model, batch: dict, expert_counter=None):
+        """The Trainer's loss_fn: GRPO loss of one micro-batch and its response-token count."""
+        mask = (batch["labels"][:, 1:] != -100).float()
+        logp, entropy = token_logprobs(model, batch["input_ids"], with_entropy=True)
+        loss, stats = grpo_loss(logp, batch["old_logp"], batch["advantages"], mask, self.c.clip_low,
+                                self.c.clip_high, batch.get("ref_logp"), self.c.kl_coef)
+        stats["entropy"] = ((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)).item()
+        self.loss_stats.append(stats)
+        return loss, mask.sum()
+
+    def log_previous(self) -> None:
+        """One line and one rl_metrics.jsonl record per RL step (written once its optimizer steps are done)."""
+        if self.pending is None:
+            return
+        r, stats = self.pending, self.loss_stats
+        r["train_s"] = time.perf_counter() - r.pop("train_start")
+        r["entropy"] = sum(s["entropy"] for s in stats) / max(1, len(stats))
+        r["clip_fraction"] = sum(s["clip_fraction"] for s in stats) / max(1, len(stats))
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, "rl_metrics.jsonl"), "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(f"rl step {r['rl_step']:4d} | reward {r['reward']:.3f} | accuracy {r['accuracy']:.3f} | length "
+              f"{r['response_length']:.0f} | entropy {r['entropy']:.3f} | clip frac {r['clip_fraction']:.3f} | "
+              f"gen {r['generate_s']:.1f}s ({r['gen_tok_per_s']:,.0f} tok/s) train {r['train_s']:.1f}s", flush=True)
+        self.pending, self.loss_stats = None, []
+
+
+def run_grpo(model, tokenizer, prompts: list[dict], out: str, steps: int, config: GRPOConfig, lr: float = 1e-5,
+             reference=None, judge=None, reward_model=None, device=None, **train_options) -> str:
+    """`steps` RL steps (each `iterations` optimizer steps) from `model`; returns the final checkpoint folder."""
+    from .trainer import TrainConfig, Trainer, latest_checkpoint
+    grpo = GRPO(model, tokenizer, prompts, config, out, reference, judge, reward_model)
+    train = TrainConfig(out_dir=out, steps=steps * config.iterations, batch_size=grpo.micro_batch,
+                        grad_accum=grpo.grad_accum, lr=lr, schedule="wsd", decay_fraction=0.0, min_lr_ratio=1.0,
+                        weight_decay=0.0, seed=config.seed,
+                        **({"progress": False, "log_every": config.iterations} | train_options))
+    print(f"grpo: {len(prompts)} prompts, {steps} steps x {config.prompts_per_step} prompts x G={config.group_size}, "
+          f"{config.iterations} iterations, clip [{1 - config.clip_low:.2f}, {1 + config.clip_high:.2f}], "
+          f"kl {config.kl_coef}, lr {lr:.1e}")
+    trainer = Trainer(model, train, grpo, loss_fn=grpo.loss, tokenizer=tokenizer, device=device)
+    grpo.model = trainer.raw_model
+    trainer.train()
+    grpo.log_previous()
+    return latest_checkpoint(out)

@@ -1,0 +1,135 @@
+"""The three reward kinds of the Qwen3 report, as plain functions of the generated text.
+
+    rule-based        verifier_reward (task answer), format_reward (a well-formed <think> block), think_follow_reward
+                      (obeys the latest /think or /no_think), constraint_reward (checkable instructions)
+    model-based       judge_reward: a judge checkpoint reads question, reference and response; the reward is
+                      P("yes") / (P("yes") + P("no")) at its first answer token
+    reward model      reward_model.RewardModel.score (no reference), trained by `nanoqwen rm`
+
+`score(record, text, ...)` dispatches on a prompt record (see grpo.py for the JSONL format).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..tasks import TASKS, Example
+
+THINK_RE = re.compile(r"^\s*<think>\n?(.*?)\n?</think>\s*(.*)$", re.DOTALL)
+FLAG_RE = re.compile(r"/(no_think|think)\b")
+
+
+def split_think(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of generated text; reasoning None when there is no complete <think>...</think> block."""
+    text = text.replace("<|im_end|>", "").replace("<|endoftext|>", "")
+    match = THINK_RE.match(text)
+    return (match.group(1).strip(), match.group(2).strip()) if match else (None, text.strip())
+
+
+def format_reward(text: str) -> float:
+    """1 for exactly one think block, non-empty reasoning and a non-empty answer after it; else 0."""
+    reasoning, answer = split_think(text)
+    return float(bool(reasoning) and bool(answer) and text.count("<think>") == 1 and text.count("</think>") == 1)
+
+
+def example_of(record: dict) -> Example:
+    """The task Example a prompt record describes (verifier name, reference answer, verifier metadata)."""
+    return Example(task=record["verifier"], question="", steps=[], answer=str(record["answer"]),
+                   language=record.get("language", "en"), difficulty=record.get("difficulty", 1),
+                   meta=record.get("meta") or {})
+
+
+def verifier_reward(text: str, record: dict) -> float:
+    """1 if the answer after the think block verifies against the reference with the task's verifier."""
+    _, answer = split_think(text)
+    return float(TASKS[record["verifier"]].verify(answer, example_of(record)))
+
+
+def latest_flag(messages: list[dict]) -> bool | None:
+    """The latest soft switch in user or system messages: True (/think), False (/no_think), None (none given)."""
+    for message in reversed(messages):
+        if message["role"] in ("user", "system"):
+            flags = FLAG_RE.findall(message.get("content") or "")
+            if flags:
+                return flags[-1] == "think"
+    return None
+
+
+def think_follow_reward(text: str, want_thinking: bool) -> float:
+    """Thinking: a non-empty think block. Non-thinking: the empty block, then an answer."""
+    reasoning, answer = split_think(text)
+    if want_thinking:
+        return float(bool(reasoning))
+    return float(reasoning == "" and bool(answer))
+
+
+def detect_language(text: str) -> str:
+    """'zh' if CJK characters dominate the letters, 'fr' if French accents or words appear, else 'en'."""
+    cjk = len(re.findall(r"[\u4e00-\u9fff]", text))
+    latin = len(re.findall(r"[A-Za-zÀ-ÿ]", text))
+    if cjk > latin / 3:
+        return "zh"
+    if re.search(r"[éèêàçù]|\b(le|la|les|est|donc|réponse)\b", text, re.IGNORECASE):
+        return "fr"
+    return "en"
+
+
+CHECKS = {  # constraint kind -> (answer text, value) -> satisfied?
+    "max_words": lambda t, v: len(t.split()) <= v,
+    "min_words": lambda t, v: len(t.split()) >= v,
+    "language": lambda t, v: detect_language(t) == v,
+    "keywords": lambda t, v: all(k.lower() in t.lower() for k in v),
+    "forbidden": lambda t, v: not any(k.lower() in t.lower() for k in v),
+    "ends_with": lambda t, v: t.rstrip().endswith(v),
+    "starts_with": lambda t, v: t.lstrip().startswith(v),
+    "lowercase": lambda t, v: t == t.lower(),
+    "bullets": lambda t, v: sum(line.lstrip().startswith(("- ", "* ")) for line in t.splitlines()) == v,
+}
+
+
+def constraint_reward(text: str, constraints: list[dict]) -> float:
+    """Fraction of checkable instructions ({"kind": ..., "value": ...}) the answer satisfies."""
+    if not constraints:
+        return 1.0
+    _, answer = split_think(text)
+    return sum(CHECKS[c["kind"]](answer, c.get("value")) for c in constraints) / len(constraints)
+
+
+JUDGE_PROMPT = ("Question: {question}\nReference answer: {reference}\nResponse: {response}\n"
+                "Does the response reach the same final answer as the reference? Answer yes or no. /no_think")
+
+
+@torch.no_grad()
+def judge_reward(judge, tokenizer, question: str, reference: str, response: str) -> float:
+    """P(yes) / (P(yes) + P(no)) of the judge's first answer token, in non-thinking mode."""
+    _, answer = split_think(response)
+    messages = [{"role": "user", "content": JUDGE_PROMPT.format(question=question, reference=reference,
+                                                                response=answer)}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False)
+    device = judge.lm_head.weight.device
+    logits = judge(torch.tensor([ids], device=device), logits_to_keep=1).logits[0, -1].float()
+    yes, no = (tokenizer.encode(word)[0] for word in ("yes", "no"))
+    return torch.softmax(logits[[yes, no]], dim=0)[0].item()
+
+
+def score(record: dict, text: str, judge=None, reward_model=None, tokenizer=None, format_weight: float = 0.2):
+    """(reward, correct) of one response to a prompt record; the record's "reward" names the kind."""
+    kind = record.get("reward", "verifier")
+    want = latest_flag(record["messages"])
+    thinking = want is not False
+    correct = verifier_reward(text, record) if "verifier" in record else 0.0
+    if kind == "verifier":
+        reward = correct + format_weight * (format_reward(text) if thinking else think_follow_reward(text, False))
+    elif kind == "rule":  # instruction following: constraints and the think flag
+        reward = 0.5 * constraint_reward(text, record.get("constraints", [])) + 0.5 * think_follow_reward(text, thinking)
+    elif kind == "judge":
+        question = record["messages"][-1]["content"]
+        reward = judge_reward(judge, tokenizer, question, str(record["answer"]), text)
+    elif kind == "rm":
+        reward = reward_model.score(tokenizer, record["messages"], text)
+    else:
+        raise ValueError(f"unknown reward kind {kind!r} (verifier, rule, judge, rm)")
+    if want is not None and kind in ("judge", "rm"):  # obeying /think and /no_think is rewarded in every kind
+        reward = 0.8 * reward + 0.2 * think_follow_reward(text, thinking)
+    return reward, correct

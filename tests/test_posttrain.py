@@ -1,0 +1,242 @@
+"""Post-training: the GRPO loss and advantages by hand, SFT loss masks, the rewards, the code sandbox, malformed
+JSONL reporting, and each command end to end on a tiny model (every stage writes a loadable checkpoint)."""
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from nanoqwen import cli, data
+from nanoqwen.checkpoint import load_model, save_model
+from nanoqwen.engine import load
+from nanoqwen.tasks import sample_examples, to_messages
+from nanoqwen.tokenizer import train_tokenizer
+from nanoqwen.train import posttrain, rewards
+from nanoqwen.train.grpo import group_advantages, grpo_loss
+from nanoqwen.train.reward_model import bt_loss
+from nanoqwen.train.sandbox import run_code
+from nanoqwen.train.sft import encode_conversation, pad_batch, read_jsonl
+from nanoqwen.train.trainer import latest_checkpoint
+
+FILTER = ["--tasks", "arithmetic,lists", "--difficulty", "1", "--languages", "en", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random nano-d2 with a 512-token BBPE tokenizer, saved as an HF folder."""
+    path = str(tmp_path_factory.mktemp("tiny") / "model")
+    tokenizer = train_tokenizer(itertools.islice(data.synthetic_corpus("train", 0), 1000), 512)
+    torch.manual_seed(0)
+    save_model(load_model("nano-d2", vocab_size=512), path)
+    tokenizer.save(path)
+    return path
+
+
+# --- GRPO math ------------------------------------------------------------------------------------------------
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    a = group_advantages(r, eps=0.0 + 1e-4)
+    # group 1: mean 0.5, population std 0.5 -> +-1 (up to eps); group 2: no spread -> all 0
+    assert torch.allclose(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 / (0.5 + 1e-4))
+    assert torch.equal(a[1], torch.zeros(4))
+
+
+def test_grpo_loss_by_hand():
+    # two responses, three token slots; the second response has 2 tokens (mask 0 on its last slot)
+    old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[1.5, 1.0, 0.5], [0.7, 1.1, 9.0]]))  # ratios, since old logp = 0
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, stats = grpo_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    # row 1 (A=+1): min(1.5, 1.28)=1.28 (clipped), min(1.0,1.0)=1.0, min(0.5,0.5)=0.5 (no lower clip for A>0)
+    # row 2 (A=-2): min(-1.4, clip 0.8 -> -1.6) = -1.6 (clipped), min(-2.2, -2.2) = -2.2
+    # loss = -(1.28 + 1.0 + 0.5 - 1.6 - 2.2) / 5 tokens = 1.02 / 5 = 0.204; 2 of 5 tokens clipped
+    assert loss.item() == pytest.approx(0.204, abs=1e-6)
+    assert stats["clip_fraction"] == pytest.approx(0.4)
+    # the KL term: ref = logp adds nothing; ref != logp adds kl_coef * (e^d - d - 1) averaged over tokens
+    same, _ = grpo_loss(logp, old, adv, mask, ref_logp=logp, kl_coef=0.5)
+    assert same.item() == pytest.approx(0.204, abs=1e-6)
+    shifted, _ = grpo_loss(logp, old, adv, mask, ref_logp=logp + 1.0, kl_coef=0.5)
+    assert shifted.item() == pytest.approx(0.204 + 0.5 * (math.e - 2), abs=1e-5)
+
+
+def test_grpo_loss_gradient_is_zero_when_clipped():
+    logp = torch.log(torch.tensor([[1.5]])).requires_grad_()
+    grpo_loss(logp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1))[0].backward()
+    assert logp.grad.item() == 0.0  # ratio above 1 + clip_high with A > 0: no push further
+
+
+# --- SFT masks and data files ---------------------------------------------------------------------------------
+
+def test_sft_labels_cover_only_the_assistant(tiny):
+    _, tokenizer = load(tiny, device="cpu")
+    ex = sample_examples(1, tasks=["arithmetic"], difficulty=1, languages=["en"])[0]
+    ids, labels = encode_conversation(tokenizer, {"messages": to_messages(ex, thinking=True)}, 4096)
+    text = tokenizer.decode([t for t in labels if t != -100])
+    assert text.startswith("<think>") and text.endswith("<|im_end|>") and ex.question not in text
+    assert ex.answer in text and "<|im_start|>" not in text
+    two_turns = [{"role": "user", "content": "1 + 1? /no_think"},
+                 {"role": "assistant", "content": "Answer: 2", "weight": 0},
+                 {"role": "user", "content": "2 + 5?"}, {"role": "assistant", "content": "Answer: 7"}]
+    _, context_labels = encode_conversation(tokenizer, {"messages": two_turns}, 4096)
+    assert tokenizer.decode([t for t in context_labels if t != -100]) == "<think>\n\n</think>\n\nAnswer: 7<|im_end|>"
+    two_turns[1].pop("weight")
+    _, both = encode_conversation(tokenizer, {"messages": two_turns}, 4096)
+    assert tokenizer.decode([t for t in both if t != -100]).startswith("Answer: 2<|im_end|>")
+    batch = pad_batch([(ids, labels), (ids[:5], [-100] * 5)], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (2, len(ids)) and (batch["labels"][1] == -100).all()
+
+
+def test_malformed_jsonl_is_reported_with_file_and_line(tmp_path, capsys):
+    path = tmp_path / "conv.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    path.write_text("\n".join([good, "{not json", json.dumps({"messages": [{"role": "user", "content": "x"}]}),
+                               json.dumps({"messages": [{"role": "wizard"}]}), good]) + "\n")
+    assert len(read_jsonl(str(path))) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: skipped: not valid JSON" in err and f"{path}:3: skipped: no assistant turn" in err
+    assert f"{path}:4: skipped: message 0 needs a role" in err and "3 malformed line(s) skipped, 2 kept" in err
+    with pytest.raises(ValueError, match=f"{path}:2: not valid JSON"):
+        read_jsonl(str(path), on_bad_line="error")
+
+
+# --- rewards ----------------------------------------------------------------------------------------------------
+
+RECORD = dict(messages=[{"role": "user", "content": "What is 2 + 3? /think"}], verifier="arithmetic", answer="5")
+
+
+def test_format_and_verifier_rewards():
+    good = "<think>\n2 + 3 = 5\n</think>\n\nAnswer: 5<|im_end|>"
+    assert rewards.format_reward(good) == 1.0 and rewards.verifier_reward(good, RECORD) == 1.0
+    assert rewards.format_reward("Answer: 5") == 0.0 and rewards.verifier_reward("Answer: 5", RECORD) == 1.0
+    assert rewards.format_reward("<think>\n\n</think>\n\nAnswer: 5") == 0.0  # empty reasoning is not long CoT
+    assert rewards.format_reward("<think>\nhm\n</think><think>x</think>Answer: 5") == 0.0
+    assert rewards.verifier_reward("<think>\nAnswer: 5\n</think>\n\nAnswer: 6", RECORD) == 0.0  # only after </think>
+    assert rewards.score(RECORD, good) == (1.2, 1.0)
+
+
+def test_think_follow_and_flags():
+    assert rewards.latest_flag([{"role": "system", "content": "/no_think"}, {"role": "user", "content": "hi"}]) is False
+    assert rewards.latest_flag([{"role": "user", "content": "a /no_think"}, {"role": "assistant", "content": "x"},
+                                {"role": "user", "content": "b /think"}]) is True
+    assert rewards.latest_flag([{"role": "user", "content": "plain"}]) is None
+    assert rewards.think_follow_reward("<think>\nsteps\n</think>\n\nAnswer: 1", True) == 1.0
+    assert rewards.think_follow_reward("<think>\n\n</think>\n\nAnswer: 1", True) == 0.0
+    assert rewards.think_follow_reward("<think>\n\n</think>\n\nAnswer: 1", False) == 1.0
+    assert rewards.think_follow_reward("Answer: 1", False) == 0.0  # the empty block must be there
+
+
+def test_instruction_constraints():
+    text = "<think>\n\n</think>\n\nAnswer: 42 apples"
+    assert rewards.constraint_reward(text, [{"kind": "max_words", "value": 3}]) == 1.0
+    assert rewards.constraint_reward(text, [{"kind": "max_words", "value": 2}]) == 0.0
+    assert rewards.constraint_reward(text, [{"kind": "keywords", "value": ["apples"]},
+                                            {"kind": "starts_with", "value": "Answer"},
+                                            {"kind": "language", "value": "fr"},
+                                            {"kind": "forbidden", "value": ["apple"]}]) == 0.5
+    assert rewards.detect_language("答案：42") == "zh" and rewards.detect_language("Réponse : 42") == "fr"
+    assert rewards.constraint_reward("- a\n- b", [{"kind": "bullets", "value": 2}]) == 1.0
+
+
+def test_judge_reward_is_the_yes_probability(tiny):
+    judge, tokenizer = load(tiny, device="cpu")
+    yes, no = tokenizer.encode("yes")[0], tokenizer.encode("no")[0]
+    p = rewards.judge_reward(judge, tokenizer, "2+3?", "5", "Answer: 5")
+    assert 0.0 < p < 1.0
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": rewards.JUDGE_PROMPT.format(
+        question="2+3?", reference="5", response="Answer: 5")}], add_generation_prompt=True, enable_thinking=False)
+    logits = judge(torch.tensor([ids])).logits[0, -1]
+    assert p == pytest.approx(torch.sigmoid(logits[yes] - logits[no]).item(), abs=1e-5)
+
+
+def test_bradley_terry_loss_and_reward_head_on_a_toy():
+    assert bt_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2))
+    assert bt_loss(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 3.0])).item() == pytest.approx(
+        (-math.log(torch.sigmoid(torch.tensor(2.0)).item()) - math.log(torch.sigmoid(torch.tensor(-2.0)).item())) / 2,
+        abs=1e-6)
+    # a linear scalar head learns to prefer the features of chosen over rejected
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 1, bias=False)
+    chosen, rejected = torch.randn(64, 4) + torch.tensor([3.0, 0, 0, 0]), torch.randn(64, 4)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    for _ in range(50):
+        loss = bt_loss(head(chosen).squeeze(-1), head(rejected).squeeze(-1))
+        opt.zero_grad(), loss.backward(), opt.step()
+    assert loss.item() < 0.5 and head.weight[0, 0] > 0.5
+
+
+# --- the sandbox ------------------------------------------------------------------------------------------------
+
+def test_sandbox_runs_code_with_input():
+    result = run_code("print(int(input()) * 2)", stdin="21\n")
+    assert result.ok and result.stdout.strip() == "42"
+
+
+def test_sandbox_limits():
+    timed = run_code("while True: pass", timeout=1.0)
+    assert timed.timed_out and not timed.ok
+    memory = run_code("x = bytearray(1 << 30)", memory_mb=128)
+    assert not memory.ok and "MemoryError" in memory.stderr
+    network = run_code("import socket; socket.socket()")
+    assert not network.ok and "PermissionError" in network.stderr
+    spawn = run_code("import os; os.system('echo hi')")
+    assert not spawn.ok and "PermissionError" in spawn.stderr and "hi" not in spawn.stdout
+    where = run_code("import os; print(os.getcwd()); print(sorted(os.environ))")
+    cwd = where.stdout.splitlines()[0]
+    assert "nanoqwen-sandbox-" in cwd and where.stdout.splitlines()[1] in ("[]", "['LC_CTYPE']")
+    import os
+    assert not os.path.exists(cwd)  # the working directory is gone afterwards
+
+
+# --- data builders and the commands, end to end ---------------------------------------------------------------
+
+def test_fusion_data_mixes_modes(tiny):
+    data_ = posttrain.fusion_data(tiny, 24, samples=1, tasks=["lists"], difficulty=(1, 1), languages=["en"])
+    # an untrained model verifies nothing, so every sample is a direct answer after /no_think
+    for record in data_:
+        assert rewards.latest_flag(record["messages"]) is False
+        assert record["messages"][-1]["reasoning_content"] == ""
+
+
+def test_coldstart_drops_repetitive_traces():
+    assert posttrain.is_repetitive("a\nb\na\na") and not posttrain.is_repetitive("a\nb\nc")
+
+
+def test_every_command_writes_a_loadable_checkpoint(tiny, tmp_path, capsys):
+    out = tmp_path
+    cli.main(["sft", "--stage", "coldstart", "--model", tiny, "--out", str(out / "cold"), "--steps", "2",
+              "--samples", "8", "--batch-size", "4", *FILTER])
+    assert (out / "cold" / "coldstart.jsonl").exists()
+    rl = ["--steps", "1", "--samples", "4", "--prompts-per-step", "2", "--group-size", "2", "--micro-batch", "2",
+          "--max-new-tokens", "8", *FILTER]
+    cli.main(["rl", "--stage", "reasoning", "--model", str(out / "cold"), "--out", str(out / "rl"), *rl])
+    metrics = [json.loads(line) for line in open(out / "rl" / "rl_metrics.jsonl")]
+    assert {"reward", "accuracy", "response_length", "entropy", "clip_fraction"} <= set(metrics[0])
+    cli.main(["sft", "--stage", "fusion", "--model", str(out / "rl"), "--out", str(out / "fusion"), "--steps", "2",
+              "--samples", "8", "--batch-size", "4", *FILTER])
+    pairs = out / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(dict(messages=[{"role": "user", "content": f"{i} + 1?"}],
+                                               chosen=f"Answer: {i + 1}", rejected=f"Answer: {i}"))
+                               for i in range(6)) + "\nnot json\n")
+    cli.main(["rm", "--model", str(out / "fusion"), "--out", str(out / "rm"), "--pairs", str(pairs), "--steps", "2",
+              "--batch-size", "2", *FILTER])
+    assert f"{pairs}:7: skipped" in capsys.readouterr().err
+    cli.main(["rl", "--stage", "general", "--model", str(out / "fusion"), "--out", str(out / "general"),
+              "--judge", tiny, "--rm", str(out / "rm"), *rl])
+    cli.main(["eval", "--model", str(out / "general"), "--out", str(out / "eval"), "--samples", "4", "--k", "2",
+              "--budgets", "0,8,inf", "--max-new-tokens", "12", "--tasks", "lists", "--difficulty", "1"])
+    report = json.load(open(out / "eval" / "eval.json"))
+    assert [b["budget"] for b in report["budget_curve"]] == [0, 8, None] and (out / "eval" / "budget.png").exists()
+    assert 0 <= report["think_follow"] <= 1 and 0 <= report["thinking"]["pass_at_1"] <= 1
+    for stage in ("cold", "rl", "fusion", "rm", "general"):
+        load(latest_checkpoint(str(out / stage)), device="cpu")
