@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up .venv, pre-train a small Qwen3 through the report's three stages on the
 # embedded corpus (no downloads), then ask it a held-out question. Post-training, distillation and the report card
-# join this script as their issues land. PRESET and OUT may be set in the environment.
+# join this script as their issues land. PRESET, OUT and STEPS (steps per stage, default: each stage's own) may be
+# set in the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
@@ -9,7 +10,7 @@ PRESET=${PRESET:-nano-d4}
 OUT=${OUT:-runs/out/speedrun}
 nq=.venv/bin/nanoqwen
 for stage in 1 2 3; do
-    $nq pretrain --stage "$stage" --preset "$PRESET" --out "$OUT"
+    $nq pretrain --stage "$stage" --preset "$PRESET" --out "$OUT" ${STEPS:+--steps "$STEPS"}
 done
 MODEL="$OUT/stage3/$(cat "$OUT/stage3/latest")"
 echo
