@@ -140,7 +140,8 @@ class Sampler:
         values = values.masked_fill(rank >= top_k[:, None], float("-inf"))
         probs = values.softmax(-1)
         before = probs.cumsum(-1) - probs  # mass of the better candidates: keep the smallest set reaching top_p
-        values = values.masked_fill(before >= self.top_p[index, None], float("-inf"))
+        # the best candidate always stays, however small top_p is (5e-324 rounds to 0 in fp32)
+        values = values.masked_fill((before >= self.top_p[index, None]) & (rank > 0), float("-inf"))
         probs = values.softmax(-1)
         values = values.masked_fill(probs < self.min_p[index, None] * probs[:, :1], float("-inf"))
         return candidates, values.softmax(-1)

@@ -420,3 +420,12 @@ def test_extreme_penalties_stay_finite():
     sampler.set_row(1, params, [4])
     tokens = sampler.sample(torch.randn(2, 50) * 10, [0, 1])
     assert tokens.shape == (2,) and ((0 <= tokens) & (tokens < 50)).all()
+
+
+def test_tiny_top_p_keeps_the_best_token():
+    """top_p = 5e-324 rounds to 0 in fp32: the best candidate must still be drawn (the server's fuzzing found this)."""
+    from nanoqwen.sampling import Sampler
+    sampler = Sampler(1, 50, "cpu")
+    sampler.set_row(0, SamplingParams(temperature=1.0, top_p=5e-324, top_k=0, min_p=0.0, seed=0), [1])
+    logits = torch.randn(1, 50)
+    assert sampler.sample(logits, [0]).item() == logits.argmax().item()
