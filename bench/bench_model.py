@@ -17,15 +17,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nanoqwen  # noqa: E402
 from nanoqwen.config import get_preset  # noqa: E402
+from nanoqwen.train.trainer import flops_per_token  # noqa: E402
 
 PEAK_FLOPS = {"cuda": 989e12, "cpu": None}  # H100 SXM dense bf16; no meaningful peak on a shared CPU
-
-
-def flops_per_token(config, seq_len):
-    """Training FLOPs per token: 6 per active matmul weight (an untied input embedding is a lookup, not a matmul)."""
-    c = config
-    matmul_params = c.num_parameters(active_only=True) - (0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size)
-    return 6 * matmul_params + 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
 
 def transformers_model(path, config, dtype, device, experts=None):
@@ -64,9 +58,7 @@ def measure(model, x, device, steps, warmup, train):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    rate = x.numel() / timed(step, steps, warmup, device)
-    del opt
-    return rate
+    return x.numel() / timed(step, steps, warmup, device)
 
 
 def compile_blocks(model):

@@ -14,7 +14,6 @@ import itertools
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nanoqwen  # noqa: E402
 from nanoqwen.config import get_preset  # noqa: E402
 from nanoqwen.train.trainer import PEAK_FLOPS, TrainConfig, Trainer, flops_per_token  # noqa: E402
+from bench_model import timed  # noqa: E402  (the one timing loop of the benchmarks)
 
 
 def batches(config, batch, seq, device, packed):
@@ -33,25 +33,12 @@ def batches(config, batch, seq, device, packed):
     return itertools.repeat({k: v.to(device) for k, v in out.items()})
 
 
-def time_steps(step, steps, warmup, device):
-    for _ in range(warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
-
-
 def nanoqwen_rate(path, config, batch, seq, dtype, device, steps, warmup, compile=False, packed=False):
     model = nanoqwen.load_model(path, dtype=dtype)
     with tempfile.TemporaryDirectory() as out:
         train = TrainConfig(out_dir=out, steps=10**9, batch_size=batch, lr=1e-5, progress=False, compile=compile)
         trainer = Trainer(model, train, batches(config, batch, seq, device, packed), device=device)
-        return batch * seq / time_steps(trainer.train_step, steps, warmup, device)
+        return batch * seq / timed(trainer.train_step, steps, warmup, device)
 
 
 def transformers_rate(path, config, batch, seq, dtype, device, steps, warmup):
@@ -73,7 +60,7 @@ def transformers_rate(path, config, batch, seq, dtype, device, steps, warmup):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
-    return batch * seq / time_steps(step, steps, warmup, device)
+    return batch * seq / timed(step, steps, warmup, device)
 
 
 def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile):
