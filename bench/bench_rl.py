@@ -4,7 +4,8 @@
     python bench/bench_rl.py --device cuda --shape Qwen3-0.6B  # GPU: 0.6B shape, Qwen3 tokenizer, 16 prompts x G=8
 
 Random weights rarely emit the stop token, so rollouts run (nearly) to --max-new-tokens. One RL step = batched
-sampling through the engine (G answers per prompt), rewards, the sampling policy's log-probs (one forward), then --iterations optimizer steps of the GRPO loss on the shared Trainer.
+sampling through the engine (G answers per prompt), rewards, the sampling policy's log-probs (one forward), then
+--iterations optimizer steps of the GRPO loss on the shared Trainer.
 The first step (engine compilation and CUDA-graph capture on GPU) is reported apart and left out of the means.
 """
 import argparse
@@ -81,8 +82,8 @@ def main():
     print(f"\n{shape} ({params / 1e6:.1f}M parameters) on {args.device}: {prompts_per_step} prompts x G={group_size} = "
           f"{rows} rollouts of up to {max_new} tokens, {args.iterations} iteration(s), micro-batch {micro}")
     print(f"warm-up step: {first['generate_s'] + first['train_s']:.1f} s (generation {first['generate_s']:.1f} s)")
-    print(f"RL step:      {step:.2f} s  = generation {mean['generate_s']:.2f} s ({100 * mean['generate_s'] / step:.0f}%)"
-          f" + training {mean['train_s']:.2f} s ({100 * mean['train_s'] / step:.0f}%)")
+    print(f"RL step:      {step:.2f} s  = generation {mean['generate_s']:.2f} s "
+          f"({100 * mean['generate_s'] / step:.0f}%) + training {mean['train_s']:.2f} s ({100 * mean['train_s'] / step:.0f}%)")
     print(f"rollouts:     {mean['gen_tok_per_s']:,.0f} generated tok/s, mean response {mean['response_length']:.0f} "
           f"tokens; training {rows * mean['response_length'] * args.iterations / mean['train_s']:,.0f} response "
           f"tok/s (training = rewards + old log-probs + optimizer steps)")

@@ -63,7 +63,7 @@ def transformers_rate(path, config, batch, seq, dtype, device, steps, warmup):
     return batch * seq / timed(step, steps, warmup, device)
 
 
-def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile):
+def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile, only=None):
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
     model = nanoqwen.Qwen3ForCausalLM(config)
@@ -78,6 +78,8 @@ def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile):
     else:
         variants += [("nanoqwen packed", lambda: nanoqwen_rate(*args, packed=True))]
     variants.append(("transformers", lambda: transformers_rate(*args)))
+    if only:
+        variants = [v for v in variants if any(word in v[0] for word in only)]
     fpt, peak, results = flops_per_token(config, seq), PEAK_FLOPS.get(device), {}
     for label, measure in variants:
         try:
@@ -93,7 +95,8 @@ def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile):
     print(f"{'implementation':28s} {'tokens/s':>12s} {'vs transformers':>16s} {'MFU':>7s} {'TFLOP/s':>8s}")
     for label, rate in results.items():
         mfu = f"{rate * fpt / peak * 100:6.1f}%" if peak else "   n/a"
-        print(f"{label:28s} {rate:12,.0f} {rate / results['transformers']:15.2f}x {mfu} {rate * fpt / 1e12:8.2f}")
+        ratio = f"{rate / results['transformers']:15.2f}x" if "transformers" in results else f"{'':16s}"
+        print(f"{label:28s} {rate:12,.0f} {ratio} {mfu} {rate * fpt / 1e12:8.2f}")
 
 
 def main():
@@ -103,6 +106,8 @@ def main():
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--fp32-master", action="store_true", help="fp32 weights under bf16 autocast (default: bf16)")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only the variants whose label contains one of these words (e.g. compile transformers)")
     args = ap.parse_args()
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -119,7 +124,7 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else f" ({os.cpu_count()} cores)"))
     for name, config, batch, seq in cases:
-        run_case(name, config, batch, seq, dtype, args.device, steps, warmup, compile)
+        run_case(name, config, batch, seq, dtype, args.device, steps, warmup, compile, args.only)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ budget (the official phrase is forced once the reasoning reaches N tokens), stop
 UTF-8-safe text stream that tells reasoning from answer.
 
 On CPU the decode step attends only to the filled prefix of the cache. On CUDA the step always sees the whole cache
-(static shapes) and is compiled with `torch.compile(mode="reduce-overhead")`, which captures it in a CUDA graph.
+(static shapes): it is compiled and captured in one CUDA graph (model, greedy choice, position and mask updates),
+the q/k/v and gate/up projections run as one matmul each (stacked weights that the parameters are views of), and
+the steps are pipelined: step n+1 is queued before the host reads step n's tokens, so the per-row Python (stops,
+streaming, thinking budget) runs while the GPU computes. Forced tokens are decided one step ahead, which is
+possible because they depend only on the tokens already accepted.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from typing import Iterator
 
 import torch
 
-from .sampling import SamplingParams, Sampler
+from .model import fused_projections
+from .sampling import SamplingParams, Sampler, device_tensor
 
 BUDGET_PHRASE = ("\n\nConsidering the limited time by the user, I have to give the solution based on the thinking "
                  "directly now.\n</think>\n\n")
@@ -88,10 +93,16 @@ class _Row:
 
     def next_token(self, sampled: int) -> int:
         """The sampled token, unless the thinking budget is spent: then the tokens of the budget phrase, one by one."""
+        forced = self.take_forced()
+        return sampled if forced is None else forced
+
+    def take_forced(self) -> int | None:
+        """The next token if it is forced (the budget phrase), else None. Depends only on the tokens accepted so
+        far, so the engine can decide it before the sample it replaces is known."""
         budget = self.params.thinking_budget
         if self.phase == THINKING and budget is not None and not self.forced and self.thinking_tokens >= budget:
             self.forced.extend(self.budget_ids)
-        return self.forced.popleft() if self.forced else sampled
+        return self.forced.popleft() if self.forced else None
 
     def accept(self, token: int, logprob=None) -> list[Chunk]:
         kind = self._advance_phase(token)
@@ -204,21 +215,51 @@ def split_pieces(pieces: list[tuple[str, str]], n: int) -> tuple[list[tuple[str,
 # ----------------------------------------------------------------------------------------------------------------
 # The engine: slots over one static KV cache
 
-def _decode_forward(model, cache, input_ids, position_ids, attention_mask, cache_position):
-    """Logits (B, V) in fp32 of one new token per row; on CUDA this function is captured in a CUDA graph."""
-    out = model(input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
-                cache_position=cache_position)
-    return out.logits[:, -1].float()
+def _decode_step(model, cache, tokens, positions, mask, t, live, kv_len: int | None = None,
+                 token_limit: int | None = None) -> torch.Tensor:
+    """One decode step of every row, in place: slot t becomes real for the live rows, the model reads `tokens` at
+    `positions`, positions and t advance, and `tokens` receives each row's greedy next token. Returns the logits
+    (B, token_limit) in the model's dtype. kv_len None: attend to the whole cache (static shapes: on CUDA this
+    function is compiled and captured in one CUDA graph); else to its first kv_len slots."""
+    mask.index_copy_(1, t, live[:, None])
+    out = model(tokens[:, None], position_ids=positions[:, None], cache=cache, cache_position=t,
+                attention_mask=mask if kv_len is None else mask[:, :kv_len])
+    logits = out.logits[:, -1]
+    positions.add_(1)
+    t.add_(1)
+    tokens.copy_(greedy_tokens(logits, token_limit or logits.shape[-1]))
+    return logits[:, :token_limit]
 
 
-_COMPILED = {}
+def greedy_tokens(logits: torch.Tensor, limit: int, chunks: int = 128) -> torch.Tensor:
+    """argmax over the first `limit` columns of (B, V) logits, the first index on ties, as plain argmax. Split in two
+    stages when V allows: one row of 151,936 logits is otherwise a single long reduction (~37 us of a 1.4 ms decode
+    step on an H100 at batch 1)."""
+    B, V = logits.shape
+    if V % chunks or V // chunks < 256:
+        return logits[:, :limit].argmax(-1)
+    width = V // chunks
+    column = torch.arange(V, device=logits.device).view(chunks, width)
+    x = logits.reshape(B, chunks, width).masked_fill(column >= limit, float("-inf"))
+    local = x.argmax(-1)  # (B, chunks): the best column of each chunk
+    best = x.gather(2, local[..., None])[..., 0]
+    chunk = best.argmax(-1)  # the first chunk holding the maximum
+    return chunk * width + local.gather(1, chunk[:, None])[:, 0]
 
 
-def _compiled_decode(fullgraph: bool):
-    if fullgraph not in _COMPILED:
-        _COMPILED[fullgraph] = torch.compile(_decode_forward, mode="reduce-overhead", fullgraph=fullgraph,
-                                             dynamic=False)
-    return _COMPILED[fullgraph]
+@dataclass
+class _Launch:
+    """A decode step queued on the device whose tokens the host has not read yet."""
+    rows: list  # the _Row of each slot at launch time (None: slot not decoded)
+    host: torch.Tensor  # the step's next tokens, (batch,), copied to the host (asynchronously on CUDA)
+    event: object  # CUDA event recorded after that copy, or None
+    logits: torch.Tensor  # the step's logits: valid only until the next launch
+    forced: dict | None = None  # slot -> forced token replacing the sampled one, once decided
+
+    def tokens(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 class Engine:
@@ -226,9 +267,13 @@ class Engine:
     `step` decodes one token for every live slot; both return the chunks produced. `run` does the whole loop.
 
     max_len defaults to the model's context; size it to the work on CUDA, where every step reads the whole cache.
-    compile (default: on CUDA) captures the decode step in a CUDA graph over static shapes."""
+    compile (default: on CUDA) compiles the decode step over static shapes; on CUDA it is captured in one CUDA graph
+    (model, greedy choice and bookkeeping; sampling with temperature runs after it without waiting for the host).
+    pipeline (default: on CUDA) queues step n+1 before the host reads step n's tokens, so the host's per-row work
+    (stops, streaming text, forced tokens) overlaps the device's; it is turned off while a row asks for logprobs."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 1, max_len: int | None = None, compile: bool | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 1, max_len: int | None = None, compile: bool | None = None,
+                 pipeline: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.device = model.lm_head.weight.device
         self.batch_size, self.max_len = batch_size, max_len or model.config.max_position_embeddings
@@ -236,20 +281,39 @@ class Engine:
         device = self.device
         self.mask = torch.zeros(batch_size, self.max_len, dtype=torch.bool, device=device)  # slots with real keys
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)  # position of each row's next token
-        self.inputs = [0] * batch_size  # the token each row feeds next
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # the token each row feeds next
         self.t = 0  # the cache slot the next token of every row is written to
+        self.t_device = torch.zeros(1, dtype=torch.long, device=device)  # the same, for the decode step
         self.rows: list[_Row | None] = [None] * batch_size
         self.live = torch.zeros(batch_size, dtype=torch.bool, device=self.device)  # rows[i] is not None, on device
         self.sampler = Sampler(batch_size, model.config.vocab_size, self.device)
         # ids past the tokenizer's (the padded rows of the embedding, e.g. 151669..151935) are never sampled
         self.token_limit = min(tokenizer.vocab_size, model.config.vocab_size)
         self.budget_ids = tokenizer.encode(BUDGET_PHRASE, allow_special=True)
-        # static shapes + CUDA graph on the GPU; the CPU attends to the filled prefix only
-        self.static = self.device.type == "cuda" if compile is None else compile
-        self._decode = _compiled_decode(not model.config.is_moe) if self.static else _decode_forward
-        if self.static:
-            for buffer in [self.mask, self.positions] + [b for layer in self.cache for b in (layer.k, layer.v)]:
+        cuda = self.device.type == "cuda"
+        # static shapes (+ one CUDA graph on the GPU); the CPU attends to the filled prefix only
+        self.static = cuda if compile is None else compile
+        self.pipeline = cuda if pipeline is None else pipeline
+        # stacked q/k/v and gate/up weights (model.fuse_projections): views of the parameters on the GPU; copies on
+        # the CPU, so there only for models under 1B parameters
+        self.fused = cuda or model.config.num_parameters() <= 1e9
+        self.launches = 0  # decode steps run
+        self._pending: _Launch | None = None  # pipelined: the step queued last, its tokens not read yet
+        self._override: dict[int, int] = {}  # slot -> forced token to feed instead of the sampled one
+        self._graph = self._graph_logits = self._weights = None
+        # a manual CUDA graph of the compiled step for dense models; MoE routing has data-dependent shapes, so its
+        # step goes through torch.compile's own CUDA graphs (which split the step where it must)
+        self._use_graph = self.static and cuda and not model.config.is_moe
+        if not self.static:
+            self._decode = _decode_step
+        elif self._use_graph or not cuda:
+            self._decode = _compiled_step("default", not model.config.is_moe)
+        else:
+            self._decode = _compiled_step("reduce-overhead", False)
+            for buffer in [self.mask, self.positions, self.tokens, self.t_device, self.live] + \
+                    [b for layer in self.cache for b in (layer.k, layer.v)]:
                 torch._dynamo.mark_static_address(buffer)
+        self._check_weights()
 
     # --- slots ---
     def free_slots(self) -> list[int]:
@@ -263,6 +327,7 @@ class Engine:
         self.rows[slot] = None
         self.live[slot] = False
         self.mask[slot] = False
+        self._override.pop(slot, None)
 
     # --- generation ---
     @torch.no_grad()
@@ -275,7 +340,11 @@ class Engine:
             if len(r.prompt_ids) + r.params.max_new_tokens > self.max_len:
                 raise ValueError(f"prompt ({len(r.prompt_ids)} tokens) + max_new_tokens ({r.params.max_new_tokens}) "
                                  f"exceed the cache ({self.max_len} tokens)")
-        logits = self._prefill(slots, [r.prompt_ids for r in requests])
+        if not self.live_slots():
+            self._pending = None  # what is still queued belongs to finished rows
+        self._check_weights()
+        with fused_projections(self.fused):
+            logits = self._prefill(slots, [r.prompt_ids for r in requests])
         for slot, request in zip(slots, requests):
             self.rows[slot] = _Row(request, self.tokenizer, self.budget_ids)
             self.sampler.set_row(slot, request.params, request.prompt_ids)
@@ -284,19 +353,23 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[Chunk]:
-        """Decode one token for every live slot."""
-        slots = self.live_slots()
-        if not slots:
+        """Decode one token for every live slot. Pipelined, the chunks returned are those of the step before (the
+        host reads a step's tokens while the next one runs); a row's last tokens come with the call after."""
+        if not self.live_slots():
+            self._pending = None
             return []
-        if self.t == self.max_len:
-            self._compact()
-        self.mask[:, self.t] = self.live  # each live row's new key is real
-        inputs = torch.tensor(self.inputs, device=self.device)[:, None]
-        mask = self.mask if self.static else self.mask[:, :self.t + 1]
-        logits = self._forward_decode(inputs, mask, torch.tensor([self.t], device=self.device))
-        self.t += 1
-        self.positions += 1
-        return self._choose(slots, logits if len(slots) == self.batch_size else logits[slots])
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.forced is None:
+            self._decide(pending)  # what the rows feed next must be known before the next step is queued
+        launch = self._launch() if self._launch_needed(pending) else None
+        chunks = self._process(pending) if pending is not None else []
+        if launch is not None:
+            if self.pipeline and not self._wants_logprobs():
+                self._pending = launch
+            else:
+                self._decide(launch)
+                chunks += self._process(launch)
+        return chunks
 
     def run(self, requests: list[Request]) -> Iterator[Chunk]:
         """Generate all requests, admitting queued ones as slots free up; yields chunks as they are produced."""
@@ -312,30 +385,94 @@ class Engine:
                     self.cancel(slot)
 
     def _choose(self, slots: list[int], logits: torch.Tensor) -> list[Chunk]:
-        """Sample (or force) the next token of each slot, feed it to the row's state machine, free finished slots."""
-        if self.token_limit < logits.shape[-1]:
-            logits = logits.clone()
-            logits[:, self.token_limit:] = float("-inf")
+        """The first token of newly added rows: sample (or force) it, feed it to the row's state machine."""
+        logits = logits[:, :self.token_limit]
         sampled = self.sampler.sample(logits, slots).tolist()
         tokens = [self.rows[slot].next_token(token) for slot, token in zip(slots, sampled)]
+        self.tokens[slots] = torch.tensor(tokens, device=self.device)
+        self.sampler.observe(slots, tokens)
         chunks = []
         for slot, token, logprob in zip(slots, tokens, self._logprobs(slots, logits, tokens)):
+            chunks += self._accept(slot, token, logprob)
+        return chunks
+
+    def _accept(self, slot: int, token: int, logprob) -> list[Chunk]:
+        row = self.rows[slot]
+        chunks = row.accept(token, logprob)
+        if row.finish_reason:
+            self.cancel(slot)
+        return chunks
+
+    # --- decode steps ---
+    def _launch_needed(self, pending: _Launch | None) -> bool:
+        """Whether any live row needs another step: not when every row's token in flight is its last by length."""
+        for slot in self.live_slots():
             row = self.rows[slot]
-            self.inputs[slot] = token
-            chunks += row.accept(token, logprob)
-            if row.finish_reason:
-                self.cancel(slot)
-        self.sampler.observe(slots, tokens)
+            if pending is None or pending.rows[slot] is not row or len(row.token_ids) + 1 < row.params.max_new_tokens:
+                return True
+        return False
+
+    def _wants_logprobs(self) -> bool:
+        return any(row is not None and row.request.logprobs is not None for row in self.rows)
+
+    def _launch(self) -> _Launch:
+        """Queue one decode step (forced tokens first, then the model, then sampling) and the copy of its tokens to
+        the host; nothing here waits for the device."""
+        if self.t == self.max_len:
+            self._compact()
+        if self._override:
+            slots = list(self._override)
+            self.tokens[device_tensor(slots, torch.long, self.device)] = device_tensor(
+                [self._override[s] for s in slots], torch.long, self.device)
+            self._override.clear()
+        self.sampler.observe_all(self.tokens)  # the tokens fed now are the ones chosen last (penalties)
+        slots = self.live_slots()
+        logits = self._forward_decode()
+        self.t += 1
+        self.launches += 1
+        if not self.sampler.is_greedy(slots):  # the step wrote argmaxes; rows that sample overwrite theirs
+            if len(slots) == self.batch_size:
+                self.tokens.copy_(self.sampler.sample(logits.float(), slots))
+            else:
+                index = device_tensor(slots, torch.long, self.device)
+                self.tokens.index_copy_(0, index, self.sampler.sample(logits[index].float(), slots))
+        if self.device.type == "cuda":
+            host, event = self.tokens.to("cpu", non_blocking=True), torch.cuda.Event()
+            event.record()
+        else:
+            host, event = self.tokens.clone(), None
+        return _Launch(list(self.rows), host, event, logits)
+
+    def _decide(self, launch: _Launch) -> None:
+        """Which rows take a forced token (the thinking budget's phrase) instead of this step's sample. Decided
+        from the rows' state before that token, as soon as every earlier token was accepted."""
+        launch.forced = {}
+        for slot, row in enumerate(launch.rows):
+            if row is not None and self.rows[slot] is row:
+                token = row.take_forced()
+                if token is not None:
+                    launch.forced[slot] = self._override[slot] = token
+
+    def _process(self, launch: _Launch) -> list[Chunk]:
+        """Read a step's tokens and feed them to the rows that are still the ones it decoded."""
+        sampled = launch.tokens()
+        slots = [s for s, row in enumerate(launch.rows) if row is not None and self.rows[s] is row]
+        tokens = [launch.forced.get(s, sampled[s]) for s in slots]
+        chunks = []
+        for slot, token, logprob in zip(slots, tokens, self._logprobs(slots, launch.logits, tokens)):
+            chunks += self._accept(slot, token, logprob)
         return chunks
 
     def _logprobs(self, slots: list[int], logits: torch.Tensor, tokens: list[int]) -> list:
         """(logprob, [(id, logprob)] top alternatives) of each chosen token for the rows that asked, None for the
-        others; from the model's raw distribution (before penalties and temperature), as vLLM reports them."""
+        others; from the model's raw distribution (before penalties and temperature), as vLLM reports them.
+        logits: one row per slot of `slots` (prefill), or one per engine slot (decode)."""
         wanted = [i for i, slot in enumerate(slots) if self.rows[slot].request.logprobs is not None]
         out = [None] * len(slots)
         if not wanted:
             return out
-        logp = logits[wanted].log_softmax(-1)
+        pick = [slots[i] for i in wanted] if logits.shape[0] == self.batch_size else wanted
+        logp = logits[pick].float().log_softmax(-1)
         chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logp.device))[:, 0].tolist()
         top = max(self.rows[slots[i]].request.logprobs for i in wanted)
         values, ids = (t.tolist() for t in logp.topk(top, dim=-1))
@@ -344,24 +481,63 @@ class Engine:
             out[i] = (chosen[j], list(zip(ids[j][:n], values[j][:n])))
         return out
 
-    def _forward_decode(self, inputs, mask, cache_position) -> torch.Tensor:
-        args = (self.model, self.cache, inputs, self.positions[:, None], mask, cache_position)
-        if self._decode is _decode_forward:
-            return _decode_forward(*args)
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed: reuse their memory
-        try:
-            return self._decode(*args)
-        except Exception as error:  # a compiler problem must not stop generation: fall back to eager
-            warnings.warn(f"torch.compile of the decode step failed, running eagerly: {error}")
-            self._decode = _decode_forward
-            return _decode_forward(*args)
+    def _forward_decode(self) -> torch.Tensor:
+        args = (self.model, self.cache, self.tokens, self.positions, self.mask, self.t_device, self.live,
+                None if self.static else self.t + 1, self.token_limit)
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_logits
+        with fused_projections(self.fused):
+            if self._decode is _decode_step:
+                return _decode_step(*args)
+            try:
+                if self._use_graph:
+                    return self._capture(args)
+                if self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+                return self._decode(*args)
+            except Exception as error:  # a compiler problem must not stop generation: fall back to eager
+                warnings.warn(f"compiling the decode step failed, running it eagerly: {error}")
+                self._decode, self._use_graph = _decode_step, False
+                return _decode_step(*args)
+
+    def _capture(self, args) -> torch.Tensor:
+        """Compile the step (warm-up runs on a side stream, state restored after each), capture it in a CUDA graph
+        and run it once for real."""
+        state = [self.tokens, self.positions, self.t_device]
+        saved = [b.clone() for b in state]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # the same step with the same inputs: the cache and mask receive what they will
+                self._decode(*args)
+                for b, v in zip(state, saved):
+                    b.copy_(v)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._decode(*args)
+        for b, v in zip(state, saved):
+            b.copy_(v)
+        self._graph, self._graph_logits = graph, logits
+        graph.replay()
+        return logits
+
+    def _check_weights(self) -> None:
+        """The stacked projections (CUDA) and the captured graph follow the model's tensors: if any parameter was
+        replaced since (`.to()`, assigning `.data`), the stacks are re-linked and the graph captured again."""
+        if self.fused and not self.model.fuse_projections():
+            self._graph = None
+        weights = [p.data_ptr() for p in self.model.parameters()]
+        if weights != self._weights:
+            self._graph, self._weights = None, weights
 
     # --- cache layout ---
     def _prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run the prompts, left-padded to a common length L, and write their keys into `slots` at [t-L, t)."""
         L = max(map(len, prompts))
         if not self.live_slots():
-            self.t = L  # an idle engine starts over: nothing to move
+            self._set_t(L)  # an idle engine starts over: nothing to move
         elif L > self.t:
             self._shift(L - self.t)
         ids = torch.zeros(len(prompts), L, dtype=torch.long)
@@ -388,6 +564,10 @@ class Engine:
         self.positions[index] = real.sum(1)
         return out.logits[:, -1].float()
 
+    def _set_t(self, t: int) -> None:
+        self.t = t
+        self.t_device.fill_(t)
+
     def _shift(self, offset: int) -> None:
         """Move every row's keys `offset` slots right (left when negative); positions travel with the keys."""
         for layer in self.cache:
@@ -396,12 +576,23 @@ class Engine:
         self.mask.copy_(self.mask.roll(offset, 1))
         stale = slice(0, offset) if offset > 0 else slice(self.max_len + offset, self.max_len)
         self.mask[:, stale] = False  # the slots that wrapped around
-        self.t += offset
+        self._set_t(self.t + offset)
 
     def _compact(self) -> None:
         """The cache is full: drop the slots before the oldest key any live row still needs."""
         first_real = self.mask[self.live_slots()].int().argmax(1)
         self._shift(-int(first_real.min()))
+
+
+_COMPILED = {}
+
+
+def _compiled_step(mode: str, fullgraph: bool):
+    """The decode step compiled once per process and kind (static shapes; each engine shape adds a graph)."""
+    key = (mode, fullgraph)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_decode_step, mode=mode, fullgraph=fullgraph, dynamic=False)
+    return _COMPILED[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------

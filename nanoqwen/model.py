@@ -6,6 +6,7 @@ of distribution: parallelism, compilation and activation checkpointing are appli
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -111,21 +112,45 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, H, bias=bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # per head, one weight shared by all heads
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        self.qkv_weight = None  # [q; k; v] stacked, made by fuse_projections (not a parameter, never saved)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_slots=None, kv_len=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))  # QK-norm comes before RoPE
-        k = self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None and _FUSED:  # one matmul instead of three (inference)
+            q, k, v = F.linear(x, self.qkv_weight).split([self.q_proj.out_features, self.k_proj.out_features,
+                                                          self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim))  # QK-norm comes before RoPE
+        k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(cache_slots, k, v)
             if kv_len is not None:  # attend only to the filled prefix (the CPU path; CUDA graphs use the full buffer)
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        if T == 1 and cache is not None and mask is not None and (x.device.type == "cpu" or q.dtype == torch.float32):
+            # one query per row: written out on the CPU, and for fp32 on the GPU, where SDPA has no GQA kernel and
+            # its math fallback copies the keys and values once per query head; bf16 on the GPU uses SDPA's kernels
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row over a cache: q (B, H, 1, D), k and v (B, KV, S, D), mask (B, 1, 1, S) bool.
+
+    Two small matmuls with the query heads of each KV head grouped (keys and values read once) and a masked softmax
+    in fp32: on the CPU cheaper than a general SDPA call for a single query."""
+    B, H, _, D = q.shape
+    KV = k.shape[1]
+    scores = torch.matmul(q.reshape(B, KV, H // KV, D), k.transpose(-1, -2)).float()  # (B, KV, G, S)
+    scores = (scores * D ** -0.5).masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    y = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (B, KV, G, D)
+    return y.reshape(B, H, 1, D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,8 +162,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_weight = None  # [gate; up] stacked, made by fuse_projections (not a parameter, never saved)
 
     def forward(self, x):
+        if self.gate_up_weight is not None and _FUSED:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -196,6 +225,51 @@ class SparseMoE(nn.Module):
         if self.norm_topk_prob:
             weight = weight / weight.sum(dim=-1, keepdim=True)
         return self.experts(x, idx, weight.to(x.dtype)).view(shape), router_logits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused projections for inference
+
+_FUSED = False  # whether forward passes use the stacked weights; only the engine turns it on, around its calls
+
+
+@contextlib.contextmanager
+def fused_projections(enabled: bool = True):
+    """Forward passes inside use the stacked q/k/v and gate/up weights made by `fuse_projections` (where they exist).
+    Outside, the model computes exactly as before (training, log-probs, parity tests)."""
+    global _FUSED
+    previous, _FUSED = _FUSED, enabled
+    try:
+        yield
+    finally:
+        _FUSED = previous
+
+
+def _stack_weights(linears: list[nn.Linear], fused: torch.Tensor | None, share_memory: bool) -> torch.Tensor:
+    """The linears' weights stacked row-wise, in `fused` when it still fits (else a new tensor).
+
+    share_memory: each weight becomes a view of its rows (the parameters stay the same objects with the same names
+    and shapes, so state_dict, optimizer and checkpoints are unchanged, and in-place updates such as an optimizer
+    step land in the stack too). Otherwise the stack is a copy, refreshed when a weight changed since (its version
+    counter moved, or it was replaced)."""
+    weights = [lin.weight for lin in linears]
+    rows, like = sum(w.shape[0] for w in weights), weights[0]
+    if fused is None or fused.shape != (rows, like.shape[1]) or fused.dtype != like.dtype or \
+            fused.device != like.device:
+        fused = torch.empty(rows, like.shape[1], dtype=like.dtype, device=like.device)
+    stamp = [(w.data_ptr(), w._version) for w in weights]
+    if not share_memory and stamp == getattr(fused, "stamp", None):
+        return fused
+    start = 0
+    for w in weights:
+        view = fused[start:start + w.shape[0]]
+        if w.data_ptr() != view.data_ptr():
+            view.copy_(w.detach())
+            if share_memory:
+                w.data = view
+        start += w.shape[0]
+    fused.stamp = None if share_memory else [(w.data_ptr(), w._version) for w in weights]
+    return fused
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,6 +332,33 @@ class Qwen3ForCausalLM(nn.Module):
         super()._apply(fn, recurse)
         self.inv_freq = rope_parameters(self.config)[0].to(self.inv_freq.device)
         return self
+
+    @torch.no_grad()
+    def fuse_projections(self, share_memory: bool | None = None) -> bool:
+        """Stack q/k/v and gate/up weights (per layer) into one matrix each, for inference: fewer, larger matmuls,
+        used only inside `fused_projections()` (the engine). Names, shapes, the state_dict and checkpoints are
+        unchanged.
+
+        share_memory (default: on unless on the CPU): the parameters become views into the stacks, so they cost no
+        memory and training keeps both in step; a checkpoint saved from the CPU must not hold tensors sharing memory,
+        so there the stacks are copies, refreshed by the next call whenever a weight changed. Call it again before
+        using the stacks after the weights may have changed: it re-links or refreshes them, and returns whether the
+        stacks are still the same tensors (False: new ones, so anything holding the old ones, like a captured CUDA
+        graph, must be rebuilt). Biased projections are left alone."""
+        same = True
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.q_proj.bias is not None:
+                return same
+            share = attn.q_proj.weight.device.type != "cpu" if share_memory is None else share_memory
+            old = attn.qkv_weight
+            attn.qkv_weight = _stack_weights([attn.q_proj, attn.k_proj, attn.v_proj], old, share)
+            same &= attn.qkv_weight is old
+            if isinstance(mlp, MLP):
+                old = mlp.gate_up_weight
+                mlp.gate_up_weight = _stack_weights([mlp.gate_proj, mlp.up_proj], old, share)
+                same &= mlp.gate_up_weight is old
+        return same
 
     def make_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> nn.ModuleList:
         """One KVCache per layer for `batch_size` rows of up to `max_len` tokens."""

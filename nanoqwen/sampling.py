@@ -2,7 +2,9 @@
 
 Each row draws one uniform number per token from its own CPU `torch.Generator`, so a seeded request gives the same
 tokens alone or in any batch, on CPU or GPU. Settings live in per-row tensors so a slot can change request between
-decode steps (continuous batching) without rebuilding anything.
+decode steps (continuous batching) without rebuilding anything. `sample` never waits for the device (host copies go
+through pinned memory, decisions are taken from the host-side settings), so the engine can queue the next decode
+step while the host is still busy with the previous one.
 """
 from __future__ import annotations
 
@@ -55,6 +57,15 @@ class SamplingParams:
                 raise ValueError(message)
 
 
+def device_tensor(values: list, dtype, device) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without waiting for the device: on CUDA the copy is queued from
+    pinned memory (the caching host allocator keeps that memory until the copy is done)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Sampler:
     """Per-row sampling settings of a fixed-size batch and the tensors that apply them to a (rows, vocab) logits."""
 
@@ -103,19 +114,31 @@ class Sampler:
             self.generated[rows, tokens] = True
             self.seen[rows, tokens] = True
 
+    def observe_all(self, tokens: torch.Tensor) -> None:
+        """Record one token per row (a (batch,) tensor on the device; rows not in use record garbage, which set_row
+        clears) without leaving the device."""
+        if self.generated is not None:
+            self.generated.scatter_(1, tokens[:, None], True)
+            self.seen.scatter_(1, tokens[:, None], True)
+
+    def is_greedy(self, rows: list[int]) -> bool:
+        """Whether the next tokens of these rows are plain argmaxes of the logits (no penalty, temperature 0)."""
+        return all(self.params[r].temperature == 0 and not self._wants_penalty(self.params[r]) for r in rows)
+
     def sample(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """The next token (len(rows),) for the given rows; logits (len(rows), vocab) in fp32."""
         params = [self.params[r] for r in rows]
-        if all(p.temperature == 0 and not self._wants_penalty(p) for p in params):
+        if self.is_greedy(rows):
             return logits.argmax(-1)  # the common greedy case: one kernel
-        index = torch.tensor(rows, device=logits.device)
+        index = device_tensor(rows, torch.long, self.device)
         if any(self._wants_penalty(p) for p in params):
             logits = self._penalize(logits, index)
         greedy = logits.argmax(-1)
         if all(p.temperature == 0 for p in params):
             return greedy
-        candidates, probs = self._filter(logits, index)
-        uniform = torch.stack([torch.rand((), generator=self.generators[r]) for r in rows]).to(logits.device)
+        candidates, probs = self._filter(logits, index, max(p.top_k or self.vocab_size for p in params))
+        uniform = device_tensor([float(torch.rand((), generator=self.generators[r])) for r in rows], torch.float32,
+                                self.device)
         # inverse-CDF draw: one uniform number per row and token, whatever the batch around it
         kept = (probs > 0).sum(-1)  # the kept candidates are a prefix (best first)
         choice = torch.minimum((probs.cumsum(-1) <= uniform[:, None]).sum(-1), kept - 1)
@@ -123,17 +146,19 @@ class Sampler:
         return torch.where(self.temperature[index] == 0, greedy, sampled)
 
     def _penalize(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        seen, generated = self.seen[index], self.generated[index]
+        V = logits.shape[-1]  # the engine passes only the tokenizer's ids
+        seen, generated = self.seen[index, :V], self.generated[index, :V]
         penalty = self.repetition[index, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
         logits = logits - self.presence[index, None] * generated
         # extreme penalties overflow: keep every logit finite so softmax and argmax stay defined
         return torch.nan_to_num(logits, nan=torch.finfo(logits.dtype).min)
 
-    def _filter(self, logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate token ids (rows, K), best first, and their probabilities after temperature, top-k/p and min-p."""
+    def _filter(self, logits: torch.Tensor, index: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate token ids (rows, K), best first, and their probabilities after temperature, top-k/p and min-p.
+        K: the largest top_k of these rows (known on the host: reading it off the device would wait for it)."""
         top_k = self.top_k[index]
-        K = int(top_k.max())
+        K = min(K, logits.shape[-1])
         scaled = logits / self.temperature[index, None].clamp(min=1e-5)
         values, candidates = scaled.topk(K, dim=-1) if K < logits.shape[-1] else scaled.sort(-1, descending=True)
         rank = torch.arange(K, device=logits.device)

@@ -8,7 +8,7 @@ import transformers
 
 from nanoqwen.checkpoint import load_model, save_model
 from nanoqwen.config import Qwen3Config
-from nanoqwen.engine import BUDGET_PHRASE, Engine, _decode_forward, generate, generate_batch, load, make_request
+from nanoqwen.engine import BUDGET_PHRASE, Engine, _decode_step, generate, generate_batch, load, make_request
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.sampling import SamplingParams
 from nanoqwen.tokenizer import load_tokenizer
@@ -17,18 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GREEDY = dict(temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine's other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `tok` comes from there too
 
 
 def tiny_config(moe=False, vocab_size=512, **overrides):
@@ -90,15 +79,22 @@ def full_forward_greedy(model, prompt, n):
 
 
 def record_logits(engine):
-    """Wrap the engine's sampler so every logits row it sees is kept, per slot."""
-    seen, sample = {}, engine.sampler.sample
+    """Wrap the engine so every logits row that a token is chosen from is kept, per slot: the prefill's (through the
+    sampler) and each decode step's (the step returns the logits of every slot)."""
+    seen, sample, decode = {}, engine.sampler.sample, engine._decode
 
     def recording(logits, slots):
         for slot, row in zip(slots, logits):
             seen.setdefault(slot, []).append(row.clone())
         return sample(logits, slots)
 
-    engine.sampler.sample = recording
+    def decoding(*args):
+        logits = decode(*args)
+        for slot in engine.live_slots():
+            seen.setdefault(slot, []).append(logits[slot].float().clone())
+        return logits
+
+    engine.sampler.sample, engine._decode = recording, decoding
     return seen
 
 
@@ -143,7 +139,7 @@ def test_continuous_batching_with_cache_shifts(tok, layout):
     prompts = [[1, 2, 3], list(range(20, 34)), [5, 6], list(range(40, 49)), [9]]
     budgets = [10, 4, 15, 7, 12]
     engine = Engine(model, tok, batch_size=2, max_len=24, compile=layout == "cuda_graph")
-    engine._decode = _decode_forward  # no compiler in the tests: the layout is what is checked
+    engine._decode = _decode_step  # no compiler in the tests: the layout is what is checked
     requests = [make_request(model, tok, p, SamplingParams(max_new_tokens=n, **GREEDY), index=i)
                 for i, (p, n) in enumerate(zip(prompts, budgets))]
     results = {c.index: c.result for c in engine.run(requests) if c.result}
@@ -152,11 +148,96 @@ def test_continuous_batching_with_cache_shifts(tok, layout):
         assert results[i].finish_reason == "length"
 
 
+def pipelined_and_not(model, tok, prompts, static=False, batch_size=2, max_len=64, **kwargs):
+    """Chunks of the same generation with steps pipelined (the CUDA default) and one step at a time."""
+    out = []
+    for pipeline in (True, False):
+        engine = Engine(model, tok, batch_size=batch_size, max_len=max_len, compile=static, pipeline=pipeline)
+        engine._decode = _decode_step  # no compiler: the step logic is what is checked
+        out.append(list(generate_batch(model, tok, prompts, engine=engine, stream=True, **kwargs)))
+        assert not engine.live_slots()
+    return out
+
+
+def summary(chunks):
+    """Per prompt: the result and the streamed pieces (text, kind, token ids)."""
+    by_index = {}
+    for c in chunks:
+        by_index.setdefault(c.index, []).append((c.text, c.kind, c.token_ids, c.logprobs))
+    return {c.index: c.result for c in chunks if c.result}, by_index
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["prefix", "static"])
+def test_pipelined_steps_equal_one_at_a_time(tok, thinker, talker, static):
+    """Step n+1 queued before step n's tokens are read gives exactly the one-at-a-time results: continuous
+    batching with cache shifts, forced budget tokens decided a step ahead, stop tokens and strings, penalties,
+    seeded sampling, logprobs."""
+    model = random_model()
+    prompts = [[1, 2, 3], list(range(20, 34)), [5, 6], list(range(40, 49)), [9]]
+    piped, plain = pipelined_and_not(model, tok, prompts, static, max_len=24, max_new_tokens=9, **GREEDY)
+    assert summary(piped) == summary(plain)
+    results = summary(piped)[0]
+    for i, prompt in enumerate(prompts):
+        assert results[i].token_ids == full_forward_greedy(model, prompt, 9)
+    thinking, word, answer = thinker
+    question = tok.apply_chat_template(QUESTION, add_generation_prompt=True)
+    for budget in (0, 2, 5):
+        piped, plain = pipelined_and_not(thinking, tok, [question] * 3, static, max_new_tokens=60,
+                                         thinking_budget=budget)
+        assert summary(piped) == summary(plain)
+        phrase = tok.encode(BUDGET_PHRASE, allow_special=True)
+        assert summary(piped)[0][2].token_ids == [tok.think_start_id] + [word] * budget + phrase + \
+            [answer, tok.eos_token_id]
+    talking, _ = talker
+    for stop in (None, ", wor", "😀"):
+        piped, plain = pipelined_and_not(talking, tok, [[START]] * 3, static, max_new_tokens=50, stop=stop)
+        assert summary(piped) == summary(plain)
+    knobs = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.3,
+                 presence_penalty=0.5, seed=3)
+    piped, plain = pipelined_and_not(model, tok, prompts[:3], static, **knobs)
+    assert summary(piped) == summary(plain)
+    piped, plain = pipelined_and_not(model, tok, prompts[:3], static, max_new_tokens=6, logprobs=2, **GREEDY)
+    assert summary(piped) == summary(plain)
+    assert all(len(r.logprobs) == 6 for r in summary(piped)[0].values())
+
+
+def test_pipelined_engine_runs_no_wasted_step_at_the_length_limit(tok):
+    model = random_model()
+    engine = Engine(model, tok, batch_size=2, max_len=32, pipeline=True)
+    generate_batch(model, tok, [[1, 2, 3], [4, 5]], max_new_tokens=10, engine=engine, **GREEDY)
+    assert engine.launches == 9  # the first token comes from the prefill
+
+
+def test_engine_with_and_without_fused_projections(tok):
+    """The stacked q/k/v and gate/up weights (the default) give the same generations as separate projections."""
+    model = random_model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    expected = [full_forward_greedy(model, p, 10) for p in prompts]
+    for fused in (False, True):
+        for static in (False, True):
+            engine = Engine(model, tok, batch_size=2, max_len=32, compile=static)
+            engine.fused, engine._decode = fused, _decode_step
+            assert [r.token_ids for r in generate_batch(model, tok, prompts, max_new_tokens=10, engine=engine,
+                                                        **GREEDY)] == expected
+    assert model.model.layers[0].self_attn.qkv_weight is not None
+
+
+def test_two_stage_greedy_equals_argmax():
+    from nanoqwen.engine import greedy_tokens
+    torch.manual_seed(0)
+    for trial in range(20):
+        logits = torch.randn(3, 151936)
+        if trial % 2:
+            logits = (logits * 2).round()  # many ties: the first index wins, as argmax
+        logits[:, 151700:] += 100.0 * (trial % 3 == 0)  # padded rows never win
+        assert torch.equal(greedy_tokens(logits, 151669), logits[:, :151669].argmax(-1))
+
+
 def test_decode_step_traces_as_one_graph(tok):
     """What CUDA-graph capture needs: no graph break in the decode step (checked with the compiler's eager backend)."""
     model = random_model()
     engine = Engine(model, tok, batch_size=2, max_len=32, compile=True)
-    engine._decode = torch.compile(_decode_forward, backend="eager", fullgraph=True, dynamic=False)
+    engine._decode = torch.compile(_decode_step, backend="eager", fullgraph=True, dynamic=False)
     result = generate(model, tok, [1, 2, 3], max_new_tokens=8, engine=engine, **GREEDY)
     assert result.token_ids == full_forward_greedy(model, [1, 2, 3], 8)
 

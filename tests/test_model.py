@@ -8,7 +8,7 @@ import transformers
 
 import nanoqwen
 from nanoqwen.config import PRESETS, Qwen3Config, get_preset
-from nanoqwen.model import load_balancing_loss
+from nanoqwen.model import decode_attention, fused_projections, load_balancing_loss
 
 TOL = 1e-4
 
@@ -152,6 +152,56 @@ def test_cached_decoding_equals_full_forward():
                 steps.append(model(x[:, t:t + 1], cache=cache, cache_position=torch.tensor([t]),
                                    attention_mask=torch.ones(2, t + 1)).logits)
         assert max_diff(torch.cat(steps, dim=1), full) <= TOL, preset
+
+
+def test_decode_attention_equals_sdpa():
+    """The CPU decode step's single-query attention is SDPA's, eager and compiled."""
+    torch.manual_seed(0)
+    B, H, KV, S, D = 3, 4, 2, 10, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, KV, S, D), torch.randn(B, KV, S, D)
+    mask = torch.rand(B, 1, 1, S) > 0.4
+    mask[..., -1] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert max_diff(decode_attention(q, k, v, mask), ref) <= 1e-5
+    assert max_diff(torch.compile(decode_attention, backend="eager", fullgraph=True)(q, k, v, mask), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("share_memory", [False, True], ids=["copies", "views"])
+def test_fused_projections_follow_the_weights(tmp_path, share_memory):
+    """Stacked q/k/v and gate/up weights for inference: same names and shapes, same logits, saved checkpoints
+    unchanged; the stacks follow optimizer steps (views: by themselves; copies: refreshed by the next call) and
+    replaced parameters."""
+    torch.manual_seed(0)
+    model = nanoqwen.load_model("nano-d2").eval()
+    names, x = {k: v.shape for k, v in model.state_dict().items()}, torch.randint(0, 500, (2, 12))
+    with torch.no_grad():
+        plain = model(x).logits
+    assert not model.fuse_projections(share_memory)  # new stacks
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert {k: v.shape for k, v in model.state_dict().items()} == names
+    nq, nk, ni = attn.q_proj.out_features, attn.k_proj.out_features, mlp.up_proj.out_features
+    views = attn.v_proj.weight.data_ptr() == attn.qkv_weight[nq + nk:].data_ptr()
+    assert views == share_memory == (mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[ni:].data_ptr())
+    with torch.no_grad():
+        assert max_diff(model(x).logits, plain) == 0  # outside the context: the separate projections
+        with fused_projections():
+            assert max_diff(model(x).logits, plain) <= TOL
+    optimizer, before = torch.optim.AdamW(model.parameters(), lr=1e-2), attn.q_proj.weight.detach().clone()
+    model(x, labels=x).loss.backward()
+    optimizer.step()
+    assert not torch.equal(attn.q_proj.weight, before)
+    assert torch.equal(attn.qkv_weight[:nq], attn.q_proj.weight) == share_memory
+    assert model.fuse_projections(share_memory)  # the same stacks, refreshed
+    assert torch.equal(attn.qkv_weight[:nq], attn.q_proj.weight)
+    mlp.up_proj.weight.data = torch.randn_like(mlp.up_proj.weight)  # replaced
+    assert model.fuse_projections(share_memory) and torch.equal(mlp.gate_up_weight[ni:], mlp.up_proj.weight)
+    with torch.no_grad():
+        plain = model(x).logits
+        with fused_projections():
+            assert max_diff(model(x).logits, plain) <= TOL
+    if not share_memory:  # views on the CPU would make safetensors refuse the save (shared memory)
+        nanoqwen.save_model(model, str(tmp_path))
+        assert max_diff(nanoqwen.load_model(str(tmp_path))(x).logits, plain) == 0
 
 
 def test_loss_and_gradients_match_transformers(tmp_path):
