@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -46,21 +47,43 @@ def _read_txt(path):
             yield "".join(piece)
 
 
-def _read_jsonl(path):
+def iter_jsonl(path: str, check=None, on_bad_line: str = "error"):
+    """The records of a JSONL file, streamed. A line that is not JSON, or whose record check(record) rejects (it
+    returns the reason, or None), is reported as PATH:LINE: reason: raised with on_bad_line="error", printed to stderr
+    and skipped with "skip" (then a count of skipped and kept lines follows the last record)."""
+    if on_bad_line not in ("skip", "error"):
+        raise ValueError(f"on_bad_line must be 'skip' or 'error', got {on_bad_line!r}")
+    kept = bad = 0
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
+                problem = check(record) if check else None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
-            if isinstance(record, dict) and isinstance(record.get("text"), str):
-                yield record["text"]
-            elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-                yield render_messages(record["messages"])
-            else:
-                raise ValueError(f"{path}:{number}: a record needs a 'text' string or a 'messages' list")
+                problem = f"not valid JSON ({e.msg})"
+            if problem is None:
+                kept += 1
+                yield record
+                continue
+            if on_bad_line == "error":
+                raise ValueError(f"{path}:{number}: {problem}")
+            print(f"{path}:{number}: skipped: {problem}", file=sys.stderr)
+            bad += 1
+    if bad:
+        print(f"{path}: {bad} malformed line(s) skipped, {kept} kept", file=sys.stderr)
+
+
+def _check_document(record) -> str | None:
+    if isinstance(record, dict) and (isinstance(record.get("text"), str) or isinstance(record.get("messages"), list)):
+        return None
+    return "a record needs a 'text' string or a 'messages' list"
+
+
+def _read_jsonl(path):
+    for record in iter_jsonl(path, _check_document):
+        yield record["text"] if isinstance(record.get("text"), str) else render_messages(record["messages"])
 
 
 def _read_parquet(path):
@@ -146,14 +169,14 @@ def passkey_prompt(rng: random.Random, num_filler: int) -> tuple[str, str]:
 
 
 def long_documents(tokenizer, max_tokens: int, split: str = "train", seed: int = 0, passkey_weight: float = 0.3,
-                   tasks_weight: float = 0.5, prose_weight: float = 0.2):
+                   tasks_weight: float = 0.5, prose_weight: float = 0.2, tasks=None, difficulty=None, languages=None):
     """Documents of up to max_tokens: 75% with a length in the upper half (max/2..max), 25% in the lower half
     (max/8..max/2), as Qwen3's stage 3. A document is a run of examples of one task family (related problems), a run
     of prose, or a passkey-retrieval document."""
     from .tasks import TASKS, LANGUAGES, format_document, general_text, iter_examples
     rng = random.Random(f"nanoqwen.data.long/{split}/{seed}")
     filler_tokens = len(tokenizer.encode(PASSKEY_FILLER))
-    families = {name: iter_examples(split, seed, tasks=[name]) for name in TASKS}
+    families = {name: iter_examples(split, seed, [name], difficulty, languages) for name in tasks or TASKS}
     for _ in iter(int, 1):
         target = rng.randint(max_tokens // 2, max_tokens) if rng.random() < 0.75 else \
             rng.randint(max_tokens // 8, max_tokens // 2)
@@ -162,7 +185,7 @@ def long_documents(tokenizer, max_tokens: int, split: str = "train", seed: int =
             prompt, key = passkey_prompt(rng, max(1, (target - 60) // filler_tokens))
             yield f"{prompt} {key}."
             continue
-        family, language = families[rng.choice(sorted(families))], rng.choice(LANGUAGES)
+        family, language = families[rng.choice(sorted(families))], rng.choice(languages or LANGUAGES)
         pieces, length = [], 0
         while length < target:
             piece = format_document(next(family)) if kind == "tasks" else general_text(rng, language)

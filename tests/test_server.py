@@ -16,14 +16,13 @@ import openai
 import pytest
 import schemathesis
 from schemathesis import GenerationMode
-import torch
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from nanoqwen.checkpoint import save_model
 from nanoqwen.engine import BUDGET_PHRASE, load
 from nanoqwen.server import create_app
-from nanoqwen.tokenizer import load_tokenizer, train_tokenizer
+from nanoqwen.tokenizer import train_tokenizer
 from test_engine import chain, random_model, scripted_model, thinker_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,12 +34,7 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "descrip
                                                                  "properties": {"city": {"type": "string"}}}}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `tok` comes from there too
 
 
 @contextlib.contextmanager
@@ -64,11 +58,6 @@ def running(path: str, **options):
 
 def client(url, **kwargs):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,10 @@ then run `iterations` optimizer steps over that batch (the Trainer counts those)
     loss_t    = -min(ratio_t * A, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A)  [+ kl_coef * KL_t to a reference]
     loss      = sum_t loss_t / number of response tokens       token-level: long answers weigh by their length
 
+Compute: the rollouts (prompt + sampled tokens), the no-grad forwards (old log-probs, the reference) and every
+optimizer step's forward + backward are counted in metrics.jsonl and OUT/compute.json (sft.Compute), so RL and
+distillation compare per FLOP. Judge and reward-model forwards (stage 4) are not counted.
+
 Prompts: JSONL, one a line: {"messages": [...], "verifier": "arithmetic", "answer": "55", "meta": {...},
 "reward": "verifier" | "rule" | "judge" | "rm", "constraints": [...]} (see rewards.py).
 """
@@ -23,7 +27,7 @@ import torch
 
 from ..engine import encode_prompt, generate_batch
 from . import rewards
-from .sft import pad_batch
+from .sft import Compute, MeteredTrainer, pad_batch
 
 
 @dataclass
@@ -80,8 +84,9 @@ class GRPO:
     """Rollout source and loss for the Trainer: Trainer(model, cfg, grpo, loss_fn=grpo.loss, ...)."""
 
     def __init__(self, model, tokenizer, prompts: list[dict], config: GRPOConfig, out_dir: str, reference=None,
-                 judge=None, reward_model=None):
+                 judge=None, reward_model=None, compute: Compute | None = None):
         self.model, self.tokenizer, self.prompts, self.c = model, tokenizer, prompts, config
+        self.compute = compute or Compute()
         self.reference, self.judge, self.reward_model, self.out_dir = reference, judge, reward_model, out_dir
         self.queue, self.step, self.position, self.pending, self.loss_stats = [], 0, 0, None, []
         rows = config.prompts_per_step * config.group_size
@@ -118,6 +123,7 @@ class GRPO:
                                  temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                                  seed=c.seed * 1_000_003 + self.step * len(prompts))
         generate_s = time.perf_counter() - t0
+        self.compute.generate(model.config, [r.prompt_tokens for r in results], [r.completion_tokens for r in results])
         scored = [rewards.score(records[i // c.group_size], r.text, self.judge, self.reward_model, self.tokenizer,
                                 c.format_weight) for i, r in enumerate(results)]
         reward = torch.tensor([s[0] for s in scored], dtype=torch.float32).view(c.prompts_per_step, c.group_size)
@@ -131,8 +137,10 @@ class GRPO:
             batch = pad_batch(rows[start:start + self.micro_batch], self.tokenizer.pad_token_id)
             batch["advantages"] = advantages[start:start + self.micro_batch]
             batch["old_logp"] = token_logprobs(model, batch["input_ids"].to(device))[0].cpu()
+            self.compute.score(model.config, [batch["input_ids"].shape])
             if self.reference is not None and c.kl_coef > 0:
                 batch["ref_logp"] = token_logprobs(self.reference, batch["input_ids"].to(device))[0].cpu()
+                self.compute.score(self.reference.config, [batch["input_ids"].shape])
             batches.append(batch)
         model.train(was_training)
         self.step += 1
@@ -162,6 +170,7 @@ class GRPO:
         r["train_s"] = time.perf_counter() - r.pop("train_start")
         r["entropy"] = sum(s["entropy"] for s in stats) / max(1, len(stats))
         r["clip_fraction"] = sum(s["clip_fraction"] for s in stats) / max(1, len(stats))
+        r["total_flops"] = self.compute.totals["flops"]  # through this RL step's optimizer steps
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, "rl_metrics.jsonl"), "a") as f:
             f.write(json.dumps(r) + "\n")
@@ -174,8 +183,9 @@ class GRPO:
 def run_grpo(model, tokenizer, prompts: list[dict], out: str, steps: int, config: GRPOConfig, lr: float = 1e-5,
              reference=None, judge=None, reward_model=None, device=None, **train_options) -> str:
     """`steps` RL steps (each `iterations` optimizer steps) from `model`; returns the final checkpoint folder."""
-    from .trainer import TrainConfig, Trainer, latest_checkpoint
-    grpo = GRPO(model, tokenizer, prompts, config, out, reference, judge, reward_model)
+    from .trainer import TrainConfig, latest_checkpoint
+    compute = Compute(out)
+    grpo = GRPO(model, tokenizer, prompts, config, out, reference, judge, reward_model, compute)
     train = TrainConfig(out_dir=out, steps=steps * config.iterations, batch_size=grpo.micro_batch,
                         grad_accum=grpo.grad_accum, lr=lr, schedule="wsd", decay_fraction=0.0, min_lr_ratio=1.0,
                         weight_decay=0.0, seed=config.seed,
@@ -183,7 +193,8 @@ def run_grpo(model, tokenizer, prompts: list[dict], out: str, steps: int, config
     print(f"grpo: {len(prompts)} prompts, {steps} steps x {config.prompts_per_step} prompts x G={config.group_size}, "
           f"{config.iterations} iterations, clip [{1 - config.clip_low:.2f}, {1 + config.clip_high:.2f}], "
           f"kl {config.kl_coef}, lr {lr:.1e}")
-    trainer = Trainer(model, train, grpo, loss_fn=grpo.loss, tokenizer=tokenizer, device=device)
+    trainer = MeteredTrainer(model, train, grpo, loss_fn=grpo.loss, tokenizer=tokenizer, device=device,
+                             compute=compute)
     grpo.model = trainer.raw_model
     trainer.train()
     grpo.log_previous()
