@@ -189,8 +189,17 @@ def cmd_pretrain(args):
                    tensorboard=args.tensorboard)
     path = run_stage(args.stage, args.preset, args.out, resume=args.resume, steps=args.steps,
                      batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
-                     corpora=args.data or (), seed=args.seed, vocab_size=args.vocab_size, **options)
+                     corpora=args.data or (), seed=args.seed, vocab_size=args.vocab_size,
+                     task_filter=_task_filter(args) if args.tasks or args.difficulty or args.languages else None,
+                     **options)
     print(f"stage {args.stage} done: {path}")
+
+
+def cmd_speedrun(args):
+    """The whole recipe on the embedded default (nanoqwen/speedrun.py), then the report card."""
+    from .speedrun import run
+    path = run(args.out, args.scale, args.launcher, report_only=args.report_only)
+    print(f"\nreport card: {path}")
 
 
 def cmd_serve(args):
@@ -230,8 +239,8 @@ def cmd_tokenizer_train(args):
 
 def _task_filter(args) -> dict:
     """--tasks a,b --difficulty 1-2 --languages en as iter_examples keywords."""
-    lo, _, hi = args.difficulty.partition("-")
-    return dict(tasks=args.tasks.split(",") if args.tasks else None, difficulty=(int(lo), int(hi or lo)),
+    lo, _, hi = (args.difficulty or "").partition("-")
+    return dict(tasks=args.tasks.split(",") if args.tasks else None, difficulty=(int(lo), int(hi or lo)) if lo else None,
                 languages=args.languages.split(",") if args.languages else None)
 
 
@@ -305,19 +314,56 @@ def cmd_rm(args):
     print(f"rm done: {path}  (pairwise accuracy on its training pairs {pairwise_accuracy(path, pairs):.3f})")
 
 
+def cmd_distill(args):
+    """Strong-to-weak distillation: --mode off (SFT on the teacher's answers in both modes) or on (the student samples,
+    the teacher's distribution is the target)."""
+    import os
+    from .train import posttrain
+    from .train.distill import DistillConfig, run_off_policy, run_on_policy
+    from .train.sft import read_jsonl
+    if args.prompts:
+        prompts = read_jsonl(args.prompts, _check_prompt, args.on_bad_line)
+    else:
+        prompts = posttrain.rl_prompts(args.samples, args.seed + 1, **_task_filter(args))
+        print(f"prompts: {posttrain.write_jsonl(prompts, os.path.join(args.out, 'distill_prompts.jsonl'))}")
+    if not prompts:
+        raise ValueError("no prompts to distill on")
+    if args.mode == "off":
+        path = run_off_policy(args.teacher, args.student, prompts, args.out, steps=args.steps,
+                              batch_size=args.batch_size, lr=args.lr or 1e-3, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, max_len=args.max_len, seed=args.seed,
+                              **_train_options(args))
+    else:
+        config = DistillConfig(divergence=args.divergence, beta=args.beta, top_k=args.top_k,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               think_fraction=args.think_fraction, seed=args.seed)
+        path = run_on_policy(args.teacher, args.student, prompts, args.out, steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr or 1e-4, config=config, **_train_options(args))
+    print(f"distill {args.mode}-policy done: {path}  (compute: {os.path.join(args.out, 'compute.json')})")
+
+
+def _check_prompt(record) -> str | None:
+    """A distillation prompt: a 'messages' list with a user turn."""
+    if isinstance(record, dict) and isinstance(record.get("messages"), list) and \
+            any(isinstance(m, dict) and m.get("role") == "user" for m in record["messages"]):
+        return None
+    return "a prompt needs a 'messages' list with a user turn"
+
+
 def cmd_eval(args):
     """Held-out accuracy (pass@1, pass@k, both modes), ThinkFollow, thinking length and the budget curve."""
     from .train.evaluate import evaluate
-    budgets = tuple(None if b == "inf" else int(b) for b in args.budgets.split(","))
+    budgets = () if args.budgets == "none" else tuple(None if b == "inf" else int(b) for b in args.budgets.split(","))
     evaluate(args.model, n=args.samples, k=args.k, seed=args.seed, budgets=budgets,
              max_new_tokens=args.max_new_tokens, out_dir=args.out or args.model, device=args.device,
              **_task_filter(args))
 
 
 def _add_posttrain_parsers(sub) -> None:
-    def common(p, steps, batch_size, lr, samples):
+    def common(p, steps, batch_size, lr, samples, model=True):
         _one_line_errors(p)
-        p.add_argument("--model", required=True, help="checkpoint folder, or a run folder with a `latest` file")
+        if model:
+            p.add_argument("--model", required=True, help="checkpoint folder, or a run folder with a `latest` file")
         p.add_argument("--out", required=True)
         p.add_argument("--steps", type=_positive_int, default=steps)
         p.add_argument("--lr", type=float, default=lr)
@@ -364,13 +410,34 @@ def _add_posttrain_parsers(sub) -> None:
     p.add_argument("--pairs", default=None, help="pairs JSONL (messages, chosen, rejected); default: from rollouts")
     p.set_defaults(func=cmd_rm)
 
+    p = sub.add_parser("distill", help="strong-to-weak distillation: off-policy (SFT on teacher answers) or on-policy")
+    common(p, 100, 8, None, 256, model=False)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (or run folder)")
+    p.add_argument("--student", required=True, help="student checkpoint sharing the teacher's tokenizer, or a preset "
+                                                     "name (a fresh model with the teacher's tokenizer)")
+    p.add_argument("--mode", choices=["off", "on"], required=True,
+                   help="off: SFT on the teacher's answers in both modes; on: the student samples, KL to the teacher")
+    p.add_argument("--prompts", default=None, help="prompts JSONL (a 'messages' list each); default: task prompts")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--temperature", type=_number(float, lambda v: v >= 0, ">= 0"), default=None,
+                   help="sampling temperature (default: Qwen's recommendation for each mode)")
+    p.add_argument("--divergence", choices=["reverse", "forward", "jsd"], default="reverse", help="on-policy loss")
+    p.add_argument("--beta", type=_number(float, lambda v: 0 < v < 1, "in (0, 1)"), default=0.5,
+                   help="jsd: the mixture weight of the teacher (-> 0: forward KL, -> 1: reverse KL)")
+    p.add_argument("--top-k", type=_number(int, lambda v: v >= 0, ">= 0"), default=0,
+                   help="on-policy: compare over the teacher's top k tokens, renormalised (0: the whole vocabulary)")
+    p.add_argument("--think-fraction", type=_number(float, lambda v: 0 <= v <= 1, "in [0, 1]"), default=0.5,
+                   help="on-policy: share of prompts the student answers in thinking mode")
+    p.add_argument("--max-len", type=_positive_int, default=1024, help="off-policy: SFT truncation length")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("eval", help="held-out accuracy, ThinkFollow and the thinking-budget curve")
     _one_line_errors(p)
     p.add_argument("--model", required=True)
     p.add_argument("--out", default=None, help="folder for eval.json and budget.png (default: the model folder)")
     p.add_argument("--samples", type=_positive_int, default=64, help="held-out problems")
     p.add_argument("--k", type=_positive_int, default=4, help="samples per problem for pass@k")
-    p.add_argument("--budgets", default="0,16,32,64,128,inf")
+    p.add_argument("--budgets", default="0,16,32,64,128,inf", help="thinking budgets of the curve, or 'none'")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)
     p.add_argument("--tasks", default=None)
     p.add_argument("--difficulty", default="1-5")
@@ -445,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_positive_int, default=None)
     p.set_defaults(func=cmd_init)
 
+    p = sub.add_parser("speedrun", help="the whole Qwen3 recipe on the embedded data, then a report card")
+    p.add_argument("--out", default="runs/out/speedrun", help="run folder (a rerun skips finished stages)")
+    p.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default="cpu",
+                   help="tiny: a few minutes (the test); cpu: <= 30 min on 2 cores; gpu: one GPU")
+    p.add_argument("--launcher", default=None, help='pre-training launcher, e.g. "torchrun --nproc-per-node 8"')
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report card of OUT")
+    p.set_defaults(func=cmd_speedrun)
+
     p = sub.add_parser("demo", help="build, save, reload and run small dense and MoE models")
     p.add_argument("--out", default="runs/out/demo")
     p.set_defaults(func=cmd_demo)
@@ -490,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=_positive_int, default=4096, help="trained tokenizer size (nano presets)")
+    p.add_argument("--tasks", default=None, help="embedded task families, comma-separated (default: all)")
+    p.add_argument("--difficulty", default=None, help="N or LO-HI (default: the stage's range)")
+    p.add_argument("--languages", default=None, help="comma-separated: en,zh,fr (default: all)")
     p.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="under torchrun")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true")

@@ -1,22 +1,20 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up .venv, pre-train a small Qwen3 through the report's three stages on the
-# embedded corpus (no downloads), then ask it a held-out question. Post-training, distillation and the report card
-# join this script as their issues land. PRESET, OUT and STEPS (steps per stage, default: each stage's own) may be
-# set in the environment.
+# The main job on a fresh machine: set up .venv, then run the whole Qwen3 recipe on the embedded default data (no
+# downloads): tokenizer, pre-training S1 -> S2 -> S3, the four post-training stages for a teacher, off-policy and
+# on-policy distillation into a smaller student (and RL beside it), evaluation, and the report card.
+#   SCALE=cpu (default, <= 30 min on 2 CPU cores) | tiny (minutes) | gpu (one GPU)     OUT=runs/out/speedrun
+# Running it again skips the stages that finished (an interrupted run continues where it stopped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
-PRESET=${PRESET:-nano-d4}
 OUT=${OUT:-runs/out/speedrun}
 nq=.venv/bin/nanoqwen
-for stage in 1 2 3; do
-    $nq pretrain --stage "$stage" --preset "$PRESET" --out "$OUT" ${STEPS:+--steps "$STEPS"}
-done
-MODEL="$OUT/stage3/$(cat "$OUT/stage3/latest")"
+$nq speedrun --scale "${SCALE:-cpu}" --out "$OUT" ${LAUNCHER:+--launcher "$LAUNCHER"}
+MODEL="$OUT/general/$(cat "$OUT/general/latest")"
 echo
-echo "== The pre-trained model completes a held-out problem (greedy):"
-$nq generate --model "$MODEL" --raw --temperature 0 --max-new-tokens 160 --stop $'\n\n' \
-    --prompt $'Compute 47 + 38.\n\nSolution:\n'
+echo "== The post-trained teacher answers a held-out problem (thinking, greedy):"
+$nq generate --model "$MODEL" --temperature 0 --max-new-tokens 256 --prompt "What is 47 + 38?"
 echo
-echo "Model: $MODEL (loss curves: $OUT/stage*/loss.png)"
-echo "Chat with it:  $nq chat --model $MODEL"
+echo "Report card: $OUT/report.md"
+echo "Chat with the teacher:  $nq chat --model $MODEL"
+echo "Chat with the student:  $nq chat --model $OUT/distill-on/$(cat "$OUT/distill-on/latest")"

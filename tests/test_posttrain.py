@@ -1,17 +1,14 @@
 """Post-training: the GRPO loss and advantages by hand, SFT loss masks, the rewards, the code sandbox, malformed
 JSONL reporting, and each command end to end on a tiny model (every stage writes a loadable checkpoint)."""
-import itertools
 import json
 import math
 
 import pytest
 import torch
 
-from nanoqwen import cli, data
-from nanoqwen.checkpoint import load_model, save_model
+from nanoqwen import cli
 from nanoqwen.engine import load
 from nanoqwen.tasks import sample_examples, to_messages
-from nanoqwen.tokenizer import train_tokenizer
 from nanoqwen.train import posttrain, rewards
 from nanoqwen.train.grpo import group_advantages, grpo_loss
 from nanoqwen.train.reward_model import bt_loss
@@ -22,23 +19,7 @@ from nanoqwen.train.trainer import latest_checkpoint
 FILTER = ["--tasks", "arithmetic,lists", "--difficulty", "1", "--languages", "en", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random nano-d2 with a 512-token BBPE tokenizer, saved as an HF folder."""
-    path = str(tmp_path_factory.mktemp("tiny") / "model")
-    tokenizer = train_tokenizer(itertools.islice(data.synthetic_corpus("train", 0), 1000), 512)
-    torch.manual_seed(0)
-    save_model(load_model("nano-d2", vocab_size=512), path)
-    tokenizer.save(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `tiny` comes from there too
 
 
 # --- GRPO math ------------------------------------------------------------------------------------------------
@@ -201,11 +182,19 @@ def test_sandbox_limits():
 # --- data builders and the commands, end to end ---------------------------------------------------------------
 
 def test_fusion_data_mixes_modes(tiny):
-    data_ = posttrain.fusion_data(tiny, 24, samples=1, tasks=["lists"], difficulty=(1, 1), languages=["en"])
-    # an untrained model verifies nothing, so every sample is a direct answer after /no_think
-    for record in data_:
-        assert rewards.latest_flag(record["messages"]) is False
+    data_ = posttrain.fusion_data(tiny, 48, samples=1, tasks=["lists"], difficulty=(1, 1), languages=["en"])
+    # an untrained model verifies nothing: thinking samples fall back to the generator's verified traces
+    assert len(data_) == 48
+    thinking = [r for r in data_ if rewards.latest_flag(r["messages"]) is not False]
+    direct = [r for r in data_ if rewards.latest_flag(r["messages"]) is False]
+    assert 10 <= len(thinking) <= 38 and 10 <= len(direct) <= 38
+    for record in thinking:  # the latest flag (or none: thinking is the default) asks to think, and the answer does
+        assert record["messages"][-1]["reasoning_content"].strip()
+        assert "Answer: " in record["messages"][-1]["content"]
+    for record in direct:
         assert record["messages"][-1]["reasoning_content"] == ""
+    assert any(len(r["messages"]) > 2 for r in data_)  # multi-turn dialogues
+    assert any(r["messages"][0]["role"] == "system" for r in data_)  # a flag in a system message (seeded mix)
 
 
 def test_coldstart_drops_repetitive_traces():

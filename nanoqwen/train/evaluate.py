@@ -12,11 +12,59 @@ import os
 import random
 
 from ..engine import generate_batch, load
-from ..tasks import answer_line, sample_examples
+from ..tasks import ANSWER_PREFIX, answer_line, sample_examples
 from . import rewards
 from .posttrain import resolve, task_record
 
 BUDGETS = (0, 16, 32, 64, 128, None)  # None: unlimited
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base models (pre-training): raw completions, no chat template
+
+def completion_accuracy(model_path: str, n: int = 64, seed: int = 0, max_new_tokens: int = 192, device=None,
+                        **task_filter) -> dict:
+    """Greedy completions of "QUESTION\n\nSolution:\n" (the pre-training document format) on held-out problems,
+    verified up to the first answer line: {"accuracy": ..., "per_task": {family: accuracy}}."""
+    from ..tasks import TASKS, SOLUTION
+    model, tokenizer = load(resolve(model_path), device=device)
+    examples = sample_examples(n, "test", seed, **task_filter)
+    prompts = [f"{ex.question}\n\n{SOLUTION[ex.language]}\n" for ex in examples]
+    results = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+    per_task: dict[str, list[bool]] = {}
+    for ex, res in zip(examples, results):
+        text = res.text.split("<|endoftext|>")[0]
+        end = text.find("\n", text.find(ANSWER_PREFIX[ex.language]))  # stop after the first answer line
+        per_task.setdefault(ex.task, []).append(bool(TASKS[ex.task].verify(text if end < 0 else text[:end], ex)))
+    hits = [h for v in per_task.values() for h in v]
+    return dict(accuracy=sum(hits) / max(1, len(hits)),
+                per_task={task: sum(v) / len(v) for task, v in sorted(per_task.items())})
+
+
+def passkey_accuracy(model_path: str, seq_len: int, n: int = 16, seed: int = 7, device=None) -> dict:
+    """Greedy answers to passkey prompts of about seq_len tokens: exact 5-digit keys and correct digits (chance 10%)."""
+    from .. import data
+    model, tokenizer = load(resolve(model_path), device=device)
+    rng, filler = random.Random(seed), len(tokenizer.encode(data.PASSKEY_FILLER))
+    items = [data.passkey_prompt(rng, max(1, (seq_len - 80) // filler)) for _ in range(n)]
+    results = generate_batch(model, tokenizer, [prompt for prompt, _ in items], max_new_tokens=7, temperature=0.0)
+    answers = [r.text.strip()[:5] for r in results]
+    return dict(seq_len=seq_len, exact=sum(a == key for a, (_, key) in zip(answers, items)) / n,
+                digits=sum(x == y for a, (_, key) in zip(answers, items) for x, y in zip(a, key)) / (5 * n))
+
+
+def loss_at_lengths(model_path: str, data_dir: str, lengths, rows: int = 4) -> dict:
+    """Mean loss over the same held-out tokens (token shards at data_dir) cut into windows of each length."""
+    import numpy as np
+    import torch
+    from .. import data
+    from ..checkpoint import load_model
+    model = load_model(resolve(model_path), dtype=torch.float32).eval()
+    loader = data.PackedLoader(data_dir, 1, max(lengths), seed=0)
+    batches = [loader.next_batch()["input_ids"] for _ in range(rows)]
+    with torch.no_grad():
+        return {int(n): float(np.mean([model(b.reshape(-1, n), labels=b.reshape(-1, n)).loss.item() for b in batches]))
+                for n in lengths}
 
 
 def pass_at_k(hits: list[list[float]], k: int) -> float:
@@ -79,7 +127,8 @@ def evaluate(model_path: str, n: int = 64, k: int = 4, seed: int = 0, budgets=BU
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "eval.json"), "w") as f:
             json.dump(report, f, indent=2)
-        plot_budget(report, os.path.join(out_dir, "budget.png"))
+        if report["budget_curve"]:
+            plot_budget(report, os.path.join(out_dir, "budget.png"))
     return report
 
 

@@ -85,8 +85,9 @@ def rl_prompts(n: int, seed: int = 1, **task_filter) -> list[dict]:
 
 def fusion_data(model_path: str, n: int, seed: int = 0, samples: int = 4, multi_turn: float = 0.3,
                 unflagged: float = 0.2, **task_filter) -> list[dict]:
-    """Stage 3: thinking answers rejection-sampled from the stage-2 model on stage-1 queries, direct answers with
-    the empty think block, /think and /no_think in user or system turns, multi-turn dialogues whose flag switches."""
+    """Stage 3: thinking answers rejection-sampled from the stage-2 model on stage-1 queries (the generator's verified
+    trace where no sample verifies), direct answers with the empty think block, /think and /no_think in user or
+    system turns, multi-turn dialogues whose flag switches."""
     rng = random.Random(seed)
     examples = sample_examples(n, "train", seed, **task_filter)  # the stage-1 queries (same seed)
     model, tokenizer = load(model_path, device="cpu")
@@ -99,7 +100,11 @@ def fusion_data(model_path: str, n: int, seed: int = 0, samples: int = 4, multi_
             reasoning, answer = rewards.split_think(res.text)
             if not is_repetitive(reasoning):
                 sampled[i // samples] = {"role": "assistant", "reasoning_content": reasoning, "content": answer}
-    print(f"fusion: {len(sampled)} of {len(examples)} queries have a verified thinking sample from {model_path}")
+    print(f"fusion: {len(sampled)} of {len(examples)} queries have a verified thinking sample from {model_path}; "
+          f"the others use the generator's reference trace")
+    for index, ex in enumerate(examples):  # a weak stage-2 model verifies few: keep the thinking half of the mix full
+        if index not in sampled:
+            sampled[index] = to_messages(ex, thinking=True)[-1]
 
     def reply(index: int, thinking: bool) -> dict:
         if thinking:
@@ -110,28 +115,27 @@ def fusion_data(model_path: str, n: int, seed: int = 0, samples: int = 4, multi_
     def flag_turn(index: int, flag: str) -> dict:
         return {"role": "user", "content": f"{examples[index].question} {flag}" if flag else examples[index].question}
 
-    # half the samples think; a thinking sample reuses a verified answer when its own query has none
-    data, thinkable = [], list(sampled)
+    # half the samples think (some unflagged: thinking is the default), half answer directly after /no_think
+    data = []
     for index in range(len(examples)):
-        thinker = index if index in sampled or not thinkable else thinkable[index % len(thinkable)]
-        if rng.random() < multi_turn and thinkable:  # two or three turns; the flag may switch at each
+        if rng.random() < multi_turn:  # two or three turns; the flag may switch at each
             turns, messages, thinking = rng.randint(2, 3), [], True
             for t in range(turns):
                 flag = rng.choice(["/think", "/no_think", ""])
                 thinking = thinking if not flag else flag == "/think"
-                i = rng.choice(thinkable) if t < turns - 1 else (thinker if thinking else index)
+                i = rng.randrange(len(examples)) if t < turns - 1 else index
                 earlier = {"weight": 0} if t < turns - 1 else {}  # context: only the last answer is learned
                 messages += [flag_turn(i, flag), reply(i, thinking) | earlier]
             data.append(dict(messages=messages))
             continue
         roll = rng.random()
-        if thinkable and roll < unflagged:
-            data.append(dict(messages=[flag_turn(thinker, ""), reply(thinker, True)]))  # thinking is the default
-        elif thinkable and roll < 0.5 + unflagged / 2:
+        if roll < unflagged:
+            data.append(dict(messages=[flag_turn(index, ""), reply(index, True)]))
+        elif roll < 0.5 + unflagged / 2:
             system = rng.random() < 0.2  # the flag in a system message sometimes
-            turn = [{"role": "system", "content": "/think"}, flag_turn(thinker, "")] if system \
-                else [flag_turn(thinker, "/think")]
-            data.append(dict(messages=turn + [reply(thinker, True)]))
+            turn = [{"role": "system", "content": "/think"}, flag_turn(index, "")] if system \
+                else [flag_turn(index, "/think")]
+            data.append(dict(messages=turn + [reply(index, True)]))
         else:
             data.append(dict(messages=[flag_turn(index, "/no_think"), reply(index, False)]))
     return data
@@ -164,9 +168,11 @@ def general_prompts(n: int, seed: int = 2, judge: bool = False, reward_model: bo
 
 
 def preference_pairs(model_path: str, n: int, seed: int = 3, samples: int = 4, **task_filter) -> list[dict]:
-    """Reward-model data: per prompt, a verified-correct rollout (chosen) against an incorrect one (rejected)."""
+    """Reward-model data: per prompt, a verified-correct rollout (chosen) against an incorrect one (rejected). When
+    no rollout of a prompt verifies, the generator's reference trace is the chosen answer."""
     model, tokenizer = load(model_path, device="cpu")
-    records = rl_prompts(n, seed, **task_filter)
+    examples = sample_examples(n, "train", seed, **task_filter)
+    records = [task_record(ex) for ex in examples]
     prompts = [r["messages"] for r in records for _ in range(samples)]
     results = generate_batch(model, tokenizer, prompts, max_new_tokens=256, temperature=1.0, seed=seed)
     pairs = []
@@ -174,6 +180,9 @@ def preference_pairs(model_path: str, n: int, seed: int = 3, samples: int = 4, *
         group = [res.text for res in results[i * samples:(i + 1) * samples]]
         good = [t for t in group if rewards.verifier_reward(t, record)]
         bad = [t for t in group if not rewards.verifier_reward(t, record)]
+        if bad and not good:
+            reference = to_messages(examples[i], thinking=True)[-1]
+            good = [f"<think>\n{reference['reasoning_content']}\n</think>\n\n{reference['content']}"]
         if good and bad:
             pairs.append(dict(messages=record["messages"], chosen=good[0], rejected=bad[0]))
     print(f"rm: {len(pairs)} preference pairs from {len(records)} prompts x {samples} rollouts")

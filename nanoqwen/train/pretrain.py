@@ -60,14 +60,18 @@ def stage_seq_len(stage: int, preset: str) -> int:
     return STAGES[stage].seq_len // (SMALL_SEQ_DIVISOR if preset.startswith("nano") else 1)
 
 
-def documents(stage: int, split: str, seed: int, tokenizer, seq_len: int, corpora=(), synthetic_weight=None):
-    """The stage's document stream: the embedded mix (or long documents) and the user's corpora, by weight."""
+def documents(stage: int, split: str, seed: int, tokenizer, seq_len: int, corpora=(), synthetic_weight=None,
+              tasks=None, difficulty=None, languages=None):
+    """The stage's document stream: the embedded mix (or long documents) and the user's corpora, by weight.
+    tasks / difficulty / languages narrow the embedded task families (difficulty replaces the stage's range)."""
     s = STAGES[stage]
     synthetic_weight = (0.0 if corpora else 1.0) if synthetic_weight is None else synthetic_weight
     if s.mix == "long":
-        synthetic = data.long_documents(tokenizer, seq_len, split, seed)
+        synthetic = data.long_documents(tokenizer, seq_len, split, seed, tasks=tasks, languages=languages,
+                                        difficulty=difficulty)
     else:
-        synthetic = data.synthetic_corpus(split, seed, s.task_weight, s.prose_weight, difficulty=s.difficulty)
+        synthetic = data.synthetic_corpus(split, seed, s.task_weight, s.prose_weight, tasks=tasks,
+                                          difficulty=difficulty or s.difficulty, languages=languages)
     streams, weights = ([synthetic], [synthetic_weight]) if synthetic_weight > 0 else ([], [])
     for path in corpora:
         docs = data.iter_documents(path)
@@ -77,13 +81,14 @@ def documents(stage: int, split: str, seed: int, tokenizer, seq_len: int, corpor
     return data.mix(streams, weights, seed)
 
 
-def build_tokenizer(preset: str, out: str, vocab_size: int, corpora, seed: int):
+def build_tokenizer(preset: str, out: str, vocab_size: int, corpora, seed: int, task_filter=None):
     """Official Qwen3 tokenizer for released shapes; a BBPE trained on the stage-1 corpus for small presets."""
     if not preset.startswith("nano"):
         return load_tokenizer()
     path = os.path.join(out, "tokenizer")
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        sample = itertools.islice(documents(1, "train", seed, None, 0, corpora), min(20_000, 10 * vocab_size))
+        sample = itertools.islice(documents(1, "train", seed, None, 0, corpora, **(task_filter or {})),
+                                  min(20_000, 10 * vocab_size))
         tokenizer = train_tokenizer(sample, vocab_size, save_dir=path + ".tmp")
         shutil.rmtree(path, ignore_errors=True)
         os.replace(path + ".tmp", path)  # complete or absent
@@ -93,8 +98,11 @@ def build_tokenizer(preset: str, out: str, vocab_size: int, corpora, seed: int):
 
 def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: int | None = None,
               batch_size: int | None = None, grad_accum: int = 1, seq_len: int | None = None, lr: float | None = None,
-              corpora=(), seed: int = 0, vocab_size: int = 4096, **train_options) -> str:
-    """Train one stage; returns the path of its final checkpoint (an HF model folder)."""
+              corpora=(), seed: int = 0, vocab_size: int = 4096, task_filter: dict | None = None,
+              **train_options) -> str:
+    """Train one stage; returns the path of its final checkpoint (an HF model folder). task_filter: tasks,
+    difficulty and languages of the embedded task families (as `iter_examples` takes them)."""
+    task_filter = task_filter or {}
     if stage not in STAGES:
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage}")
     s, small = STAGES[stage], preset.startswith("nano")
@@ -114,9 +122,9 @@ def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: in
 
     # the model: stage 1 from scratch, later stages from the previous stage's final weights
     if rank == 0:
-        tokenizer = build_tokenizer(preset, out, vocab_size, corpora, seed)
+        tokenizer = build_tokenizer(preset, out, vocab_size, corpora, seed, task_filter)
     _barrier()
-    tokenizer = build_tokenizer(preset, out, vocab_size, corpora, seed) if rank else tokenizer
+    tokenizer = build_tokenizer(preset, out, vocab_size, corpora, seed, task_filter) if rank else tokenizer
     if stage == 1:
         overrides = dict(vocab_size=-(-tokenizer.vocab_size // 64) * 64) if small else {}
         torch.manual_seed(seed)
@@ -137,7 +145,7 @@ def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: in
         if not resume:
             shutil.rmtree(stage_dir, ignore_errors=True)
         for split, budget in (("train", int(tokens_needed * 1.05) + seq_len), ("test", 8 * batch_size * seq_len)):
-            data.write_shards(documents(stage, split, seed, tokenizer, seq_len, corpora), tokenizer,
+            data.write_shards(documents(stage, split, seed, tokenizer, seq_len, corpora, **task_filter), tokenizer,
                               os.path.join(stage_dir, "data", split), max_tokens=budget)
     _barrier()
     loader = data.PackedLoader(os.path.join(stage_dir, "data", "train"), batch_size, seq_len, seed, rank, world_size)
