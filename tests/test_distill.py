@@ -18,7 +18,8 @@ from nanoqwen.train import posttrain
 from nanoqwen.train.distill import (DistillConfig, OnPolicy, check_same_tokenizer, distill_loss, prepare_student,
                                     token_divergence, with_mode)
 from nanoqwen.train.grpo import GRPOConfig, run_grpo
-from nanoqwen.train.sft import Compute, encode_conversation
+from nanoqwen.train.sft import encode_conversation
+from nanoqwen.train.trainer import Compute
 from nanoqwen.train.trainer import latest_checkpoint
 from test_engine import chain, scripted_model
 

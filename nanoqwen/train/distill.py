@@ -21,7 +21,7 @@ likely tokens at that position, and renormalised there: p~_v = p_v / sum_{u in S
 q_u for v in S; the divergence is taken between p~ and q~ (so student mass outside S is not penalised).
 
 Both modes record compute (tokens and FLOPs of generation, teacher scoring and student training) in metrics.jsonl and
-OUT/compute.json, under the keys GRPO and SFT use (sft.Compute), for comparisons per unit of compute (Table 21).
+OUT/compute.json, under the keys GRPO and SFT use (trainer.Compute), for comparisons per unit of compute (Table 21).
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ from ..config import get_preset
 from ..engine import encode_prompt, generate_batch, load
 from . import rewards
 from .posttrain import resolve, write_jsonl
-from .sft import Compute, MeteredTrainer, pad_batch, run_sft
-from .trainer import TrainConfig, latest_checkpoint
+from .sft import pad_batch, run_sft
+from .trainer import Compute, MeteredTrainer, TrainConfig, latest_checkpoint
 
 DIVERGENCES = ("reverse", "forward", "jsd")
 PROBE = "Hello, world! 你好，世界 Réponse : 1,234 + 5 = 1239\n\n\tdef f(x): return x ** 2"

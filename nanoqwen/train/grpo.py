@@ -10,7 +10,7 @@ then run `iterations` optimizer steps over that batch (the Trainer counts those)
     loss      = sum_t loss_t / number of response tokens       token-level: long answers weigh by their length
 
 Compute: the rollouts (prompt + sampled tokens), the no-grad forwards (old log-probs, the reference) and every
-optimizer step's forward + backward are counted in metrics.jsonl and OUT/compute.json (sft.Compute), so RL and
+optimizer step's forward + backward are counted in metrics.jsonl and OUT/compute.json (trainer.Compute), so RL and
 distillation compare per FLOP. Judge and reward-model forwards (stage 4) are not counted.
 
 Prompts: JSONL, one a line: {"messages": [...], "verifier": "arithmetic", "answer": "55", "meta": {...},
@@ -27,7 +27,8 @@ import torch
 
 from ..engine import encode_prompt, generate_batch
 from . import rewards
-from .sft import Compute, MeteredTrainer, pad_batch
+from .sft import pad_batch
+from .trainer import Compute, MeteredTrainer
 
 
 @dataclass

@@ -6,32 +6,17 @@ rendered with the chat template; the loss mask keeps what assistant turns produc
 labels are the token ids there and -100 elsewhere. Malformed lines are reported as FILE:LINE and skipped, or stop the
 run with --on-bad-line error.
 
-Compute accounting (here because SFT, GRPO and distillation all build on this file; it belongs in trainer.py):
-`Compute` adds up the tokens and FLOPs a run spends and `MeteredTrainer` (the Trainer plus that) writes each step's
-share into metrics.jsonl and the totals into OUT/compute.json, under the same keys for every stage:
-
-    generated_tokens  tokens sampled by the engine           generation_flops  2 N (prompt + generated tokens)
-    prompt_tokens     prompt tokens it prefilled             scoring_flops     2 N x rows x width of no-grad forwards
-    scored_tokens     tokens of no-grad forwards (teacher,   training_flops    6 N x rows x width of forward + backward
-                      old log-probs, reference)
-    trained_tokens    tokens of forward + backward           flops / tokens    the sums
-    (batched rows count their padding, as the Trainer's own `tokens` does)
-
-N is flops_per_token's count: the active matmul weights (non-embedding parameters, the lm_head included) plus causal
-attention, 6 L H d_head x sequence length per token for forward + backward; a forward is a third of that.
+Every step's tokens and FLOPs are counted (trainer.Compute / MeteredTrainer) into metrics.jsonl and OUT/compute.json.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 
 import torch
 
-from ..checkpoint import atomic_write
 from ..data import iter_jsonl
 from ..engine import load
-from .trainer import TrainConfig, Trainer, flops_per_token, latest_checkpoint
+from .trainer import Compute, MeteredTrainer, TrainConfig, latest_checkpoint
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -113,88 +98,6 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     for i, (ids, target) in enumerate(rows):
         input_ids[i, :len(ids)], labels[i, :len(target)] = torch.tensor(ids), torch.tensor(target)
     return dict(input_ids=input_ids, labels=labels)
-
-
-# --- compute accounting ---
-
-TOKEN_KEYS = ("generated_tokens", "prompt_tokens", "scored_tokens", "trained_tokens")
-FLOPS_KEYS = ("generation_flops", "scoring_flops", "training_flops")
-
-
-def forward_flops(config, lengths) -> float:
-    """FLOPs of forward passes over sequences of these lengths (a third of flops_per_token: no backward)."""
-    return sum(n * flops_per_token(config, n) / 3 for n in lengths)
-
-
-class Compute:
-    """Tokens and FLOPs spent by a run. Data sources charge generation and scoring as they happen; each training step
-    takes the charges made since the previous one (`step`) and the totals are written to OUT/compute.json."""
-
-    def __init__(self, out_dir: str | None = None, resume: bool = False):
-        self.path = os.path.join(out_dir, "compute.json") if out_dir else None
-        self.totals = dict.fromkeys(TOKEN_KEYS + FLOPS_KEYS, 0) | dict(tokens=0, flops=0, steps=0)
-        if resume and self.path and os.path.exists(self.path):
-            with open(self.path) as f:
-                self.totals.update(json.load(f))
-        self.pending = dict.fromkeys(TOKEN_KEYS + FLOPS_KEYS, 0)
-
-    def generate(self, config, prompt_lengths: list[int], completion_lengths: list[int]) -> None:
-        """The engine prefilled these prompts and sampled these completions with a model of this config."""
-        self.pending["prompt_tokens"] += sum(prompt_lengths)
-        self.pending["generated_tokens"] += sum(completion_lengths)
-        self.pending["generation_flops"] += forward_flops(config, [p + c for p, c in zip(prompt_lengths,
-                                                                                         completion_lengths)])
-
-    def score(self, config, shapes) -> None:
-        """No-grad forwards over batches of these (rows, width) shapes."""
-        self.pending["scored_tokens"] += sum(b * t for b, t in shapes)
-        self.pending["scoring_flops"] += sum(b * forward_flops(config, [t]) for b, t in shapes)
-
-    def train(self, config, shapes) -> None:
-        """Forward + backward over batches of these (rows, width) shapes."""
-        self.pending["trained_tokens"] += sum(b * t for b, t in shapes)
-        self.pending["training_flops"] += sum(3 * b * forward_flops(config, [t]) for b, t in shapes)
-
-    def step(self, world_size: int = 1, write: bool = True) -> dict:
-        """Close a training step: its charges (times the ranks, each of which did the same) join the totals. Returns
-        the step's counts and FLOPs and the running total, for its metrics record."""
-        step = {k: v * world_size for k, v in self.pending.items()}
-        self.pending = dict.fromkeys(self.pending, 0)
-        for k, v in step.items():
-            self.totals[k] += v
-        self.totals["tokens"] = sum(self.totals[k] for k in TOKEN_KEYS)
-        self.totals["flops"] = sum(self.totals[k] for k in FLOPS_KEYS)
-        self.totals["steps"] += 1
-        if write and self.path:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            atomic_write(self.path, (json.dumps(self.totals, indent=2) + "\n").encode())
-        record = {k: step[k] for k in TOKEN_KEYS}
-        return record | dict(flops=sum(step[k] for k in FLOPS_KEYS), total_flops=self.totals["flops"])
-
-
-class MeteredTrainer(Trainer):
-    """The Trainer with compute accounting: each step's metrics record gains the tokens and FLOPs of the micro-batches
-    it trained on plus what the data source charged to `compute` while producing them (see Compute)."""
-
-    def __init__(self, *args, compute: Compute, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.compute = compute
-
-    def train_step(self) -> dict:
-        shapes, source = [], self.train_iter
-        self.train_iter = _recording_shapes(source, shapes)
-        try:
-            record = super().train_step()
-        finally:
-            self.train_iter = source
-        self.compute.train(self.raw_model.config, shapes)
-        return record | self.compute.step(self.world_size, write=self.rank == 0)
-
-
-def _recording_shapes(batches, shapes: list):
-    for batch in batches:
-        shapes.append(tuple(batch["input_ids"].shape))
-        yield batch
 
 
 def run_sft(model_path: str, records: list[dict], out: str, steps: int = 100, batch_size: int = 8, lr: float = 3e-4,
