@@ -284,6 +284,14 @@ def cmd_rl(args):
                              else "a prompt needs a 'messages' list", args.on_bad_line)
     elif args.stage == "reasoning":
         prompts = posttrain.rl_prompts(args.samples, args.seed + 1, **_task_filter(args))
+        if args.learnable:
+            kept = posttrain.learnable(posttrain.resolve(args.model), prompts, args.learnable,
+                                       args.max_new_tokens, args.seed, temperature=args.temperature)
+            if len(kept) < args.prompts_per_step:
+                print(f"rl: only {len(kept)} learnable queries, fewer than --prompts-per-step "
+                      f"{args.prompts_per_step}: training on all {len(prompts)} (raise --samples to select)")
+            else:
+                prompts = kept
     else:
         prompts = posttrain.general_prompts(args.samples, args.seed + 2, judge is not None, reward_model is not None,
                                             **_task_filter(args))
@@ -401,6 +409,8 @@ def _add_posttrain_parsers(sub) -> None:
     p.add_argument("--clip-low", type=float, default=0.2)
     p.add_argument("--clip-high", type=float, default=0.28)
     p.add_argument("--kl-coef", type=float, default=0.0)
+    p.add_argument("--learnable", type=int, default=0, metavar="K",
+                   help="reasoning: keep generated queries the model solves in 1..K-1 of K samples (0: keep all)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
     p.set_defaults(func=cmd_rl)

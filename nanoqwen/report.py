@@ -231,7 +231,7 @@ def write_report(out: str, scale: str, s: dict, timings: dict) -> str:
          f"Run folder `{out}`, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: "
          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}. Every number below is read "
-         f"from this run's files.", "",
+         f"from this run's files. Produced by `nanoqwen speedrun --scale {scale} --out {out}` (what `bash runs/speedrun.sh` runs).", "",
          f"Total stage time **{total / 60:.1f} min** (the report's own checks not included). Task slice: "
          f"`{s['tasks'] or 'all'}`, difficulty {s['difficulty']}, languages `{s['languages'] or 'all'}`.", "",
          "| model | preset | parameters |", "|---|---|---|",
@@ -321,14 +321,27 @@ def write_report(out: str, scale: str, s: dict, timings: dict) -> str:
     return path
 
 
+def _compare(before: float | None, after: float | None, samples: int) -> str:
+    """Whether `after` beats `before` beyond two standard errors of a pass rate measured on `samples` answers."""
+    if before is None or after is None:
+        return _check(None)
+    p = max(0.05, min(0.95, (before + after) / 2))
+    noise = 2 * (2 * p * (1 - p) / max(1, samples)) ** 0.5  # 2 SE of a difference of two such rates
+    if abs(after - before) <= noise:
+        return f"**within noise** (±{noise:.3f})"
+    return _check(after > before)
+
+
 def findings(base: dict, evals: dict, compute: dict) -> list[str]:
-    """Each qualitative claim of the Qwen3 report with this run's numbers and whether they show it."""
+    """Each qualitative claim of the Qwen3 report with this run's numbers and whether they show it (differences of
+    pass rates count only beyond two standard errors)."""
     acc = lambda n, mode="thinking": evals[n][mode]["pass_at_1"] if n in evals else None  # noqa: E731
+    answers = next((r["n"] * r["k"] for r in evals.values()), 1)  # answers behind each pass@1
     lines = []
     a, b = base.get("teacher-s1"), base.get("teacher-s2")
     lines.append(f"- S2 (reasoning data, fast LR decay) raises held-out task accuracy: "
                  f"{_f(a and a['accuracy'])} -> {_f(b and b['accuracy'])}: "
-                 f"{_check(b['accuracy'] > a['accuracy'] if a and b else None)}")
+                 f"{_compare(a and a['accuracy'], b and b['accuracy'], a and a.get('n', 0) or 0)}")
     long = base.get("long")
     if long:
         sh, lg = str(long["short"]), str(4 * long["short"])
@@ -339,7 +352,7 @@ def findings(base: dict, evals: dict, compute: dict) -> list[str]:
                      f"tokens {before['passkey']['digits']:.2f} -> {after['passkey']['digits']:.2f} (chance 0.10): "
                      f"{_check(after['passkey']['digits'] > 0.2)}")
     lines.append(f"- Reasoning RL improves on the cold start (thinking pass@1): {_f(acc('coldstart'))} -> "
-                 f"{_f(acc('rl'))}: {_check(acc('rl') > acc('coldstart') if 'rl' in evals and 'coldstart' in evals else None)}")
+                 f"{_f(acc('rl'))}: {_compare(acc('coldstart'), acc('rl'), answers)}")
     if "fusion" in evals:
         f = evals["fusion"]
         lines.append(f"- Thinking-mode fusion makes the model follow /think and /no_think: ThinkFollow "
@@ -352,17 +365,17 @@ def findings(base: dict, evals: dict, compute: dict) -> list[str]:
                      f"{g['think_follow']:.3f}: {_check(g['think_follow'] >= evals.get('fusion', g)['think_follow'] - 0.02)}")
         lines.append(f"- Thinking beats non-thinking on reasoning tasks: {g['thinking']['pass_at_1']:.3f} vs "
                      f"{g['non_thinking']['pass_at_1']:.3f}: "
-                     f"{_check(g['thinking']['pass_at_1'] > g['non_thinking']['pass_at_1'])}")
+                     f"{_compare(g['non_thinking']['pass_at_1'], g['thinking']['pass_at_1'], answers)}")
         curve = [b["accuracy"] for b in g.get("budget_curve", [])]
         if curve:
             lines.append(f"- Accuracy rises with the thinking budget (teacher): {curve[0]:.3f} at 0 -> {curve[-1]:.3f} "
-                         f"unlimited: {_check(curve[-1] > curve[0])}")
+                         f"unlimited: {_compare(curve[0], curve[-1], g['n'])}")
     if all(n in evals and n in compute for n in ("distill-on", "student-rl")):
         d, r = evals["distill-on"], evals["student-rl"]
         lines.append(f"- On-policy distillation beats RL for the small model at less or equal compute: thinking pass@1 "
                      f"{d['thinking']['pass_at_1']:.3f} with {compute['distill-on']['flops']:.3g} FLOPs vs "
                      f"{r['thinking']['pass_at_1']:.3f} with {compute['student-rl']['flops']:.3g}: "
-                     f"{_check(d['thinking']['pass_at_1'] >= r['thinking']['pass_at_1'])}")
+                     f"{_compare(r['thinking']['pass_at_1'], d['thinking']['pass_at_1'], answers)}")
     if "distill-off" in evals and "general" in evals:
         lines.append(f"- The student after distillation against its teacher (thinking pass@1): "
                      f"{_f(acc('distill-on'))} vs {_f(acc('general'))} (the student has "

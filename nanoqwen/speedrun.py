@@ -29,9 +29,9 @@ SCALES = {
                  rl=(2, 4, 4), fusion=(64, 10), rm=(32, 6), general=(1, 4, 4), distill_off=(64, 10),
                  distill_on=(4, 8), student_rl=(2, 4, 4), eval=(16, 1), max_new_tokens=160, moe=True),
     "cpu": dict(teacher="nano-d4", student="nano-d2", vocab=1024, tasks="lists,logic,units,word_problems",
-                difficulty="1-2", languages="en", pretrain=(500, 300, 30), student_pretrain=(400, 200), batch=8,
-                coldstart=(1024, 200), rl=(20, 8, 8), fusion=(512, 120), rm=(128, 40), general=(8, 8, 8),
-                distill_off=(512, 150), distill_on=(20, 16), student_rl=(10, 8, 8), eval=(64, 2),
+                difficulty="1-2", languages="en", pretrain=(600, 400, 40), student_pretrain=(400, 200), batch=8,
+                coldstart=(1024, 200), rl=(20, 8, 8), fusion=(512, 120), rm=(96, 30), general=(8, 8, 8),
+                distill_off=(512, 250), distill_on=(40, 16), student_rl=(16, 8, 8), eval=(96, 2),
                 max_new_tokens=192, moe=False),
     "gpu": dict(teacher="nano-d12", student="nano-d6", vocab=4096, tasks=None, difficulty="1-3", languages=None,
                 pretrain=(4000, 1500, 300), student_pretrain=(3000, 1000), batch=32, coldstart=(4096, 600),
@@ -65,11 +65,16 @@ def recipe(out: str, s: dict, launcher: list[str]) -> list[Step]:
             steps.append(Step(f"{name}-s{stage}", argv, os.path.join(out_dir, f"stage{stage}", "latest"), launcher))
 
     def rl(name, model, budget, stage="reasoning", extra=()):
+        # rollouts at Qwen's thinking temperature; reasoning RL keeps the queries the model solves sometimes (the
+        # report's "learnable" query-verifier pairs), so every group has a reward spread; enough candidates that no
+        # query repeats (a tiny model overfits repeated RL prompts)
         n, prompts, group = budget
+        select = ["--learnable", "4"] if stage == "reasoning" else []
+        candidates = max(64, (4 if select else 2) * n * prompts)
         steps.append(Step(name, ["rl", "--stage", stage, "--model", model, "--out", j(name), "--steps", str(n),
                                  "--prompts-per-step", str(prompts), "--group-size", str(group), "--samples",
-                                 str(max(64, 2 * n * prompts)), "--temperature", "1.0", "--lr", "1e-4",
-                                 "--micro-batch", "32", *gen, *tasks, *extra, *quiet], j(name, "latest")))
+                                 str(candidates), "--temperature", "0.6", "--lr", "1e-4",
+                                 "--micro-batch", "32", *select, *gen, *tasks, *extra, *quiet], j(name, "latest")))
 
     def evaluate(name, model, budgets="none"):
         n, k = s["eval"]
@@ -109,7 +114,7 @@ def recipe(out: str, s: dict, launcher: list[str]) -> list[Step]:
     n, k = s["distill_on"]
     steps.append(Step("distill-on", ["distill", "--mode", "on", "--teacher", j("general"), "--student",
                                      j("distill-off"), "--out", j("distill-on"), "--steps", str(n), "--batch-size",
-                                     str(k), "--samples", str(max(64, n * k)), "--lr", "3e-4", *gen, *tasks, *quiet],
+                                     str(k), "--samples", str(max(64, n * k)), "--lr", "1e-4", *gen, *tasks, *quiet],
                       j("distill-on", "latest")))
     rl("student-rl", j("distill-off"), s["student_rl"])
 

@@ -229,3 +229,15 @@ def test_every_command_writes_a_loadable_checkpoint(tiny, tmp_path, capsys):
     assert 0 <= report["think_follow"] <= 1 and 0 <= report["thinking"]["pass_at_1"] <= 1
     for stage in ("cold", "rl", "fusion", "rm", "general"):
         load(latest_checkpoint(str(out / stage)), device="cpu")
+
+
+def test_learnable_keeps_queries_solved_sometimes(tiny, monkeypatch, capsys):
+    records = posttrain.rl_prompts(6, tasks=["lists"], difficulty=(1, 1), languages=["en"])
+    rates = iter([0.0, 0.25, 1.0, 0.5, 0.0, 0.75])  # what 4 samples per query verified
+    monkeypatch.setattr(posttrain, "solves", lambda model, tok, recs, **kw: [next(rates) for _ in recs])
+    kept = posttrain.learnable(tiny, records, samples=4)
+    assert kept == [records[1], records[3], records[5]]
+    assert "3 of 6 queries are learnable" in capsys.readouterr().out
+    # unpatched, through the engine: a random model solves nothing, so nothing is learnable
+    monkeypatch.undo()
+    assert posttrain.learnable(tiny, records[:2], samples=2, max_new_tokens=8) == []

@@ -4,7 +4,6 @@ import itertools
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch
 from nanoqwen import cli, data
 from nanoqwen.checkpoint import load_model
 from nanoqwen.tokenizer import train_tokenizer
-from nanoqwen.train import TrainConfig, Trainer, latest_checkpoint, lr_multiplier
+from nanoqwen.train import TrainConfig, Trainer, evaluate, latest_checkpoint, lr_multiplier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -151,38 +150,10 @@ def test_bad_input_ends_in_one_clear_line(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # The three stages end to end
 
-def task_accuracy(path, task, n=8, difficulty=1, language="en"):
-    """Greedy answers to held-out questions of one family (the engine's batch generation), verified by the task."""
-    from nanoqwen.engine import generate_batch, load
-    from nanoqwen.tasks import TASKS, iter_examples
-    model, tokenizer = load(path, device="cpu")
-    examples = list(itertools.islice(iter_examples("test", 123, [task], difficulty, [language]), n))
-    prompts = [f"{ex.question}\n\nSolution:\n" for ex in examples]
-    results = generate_batch(model, tokenizer, prompts, max_new_tokens=64, temperature=0)
-    return sum(TASKS[task].verify(r.text, ex) for r, ex in zip(results, examples)) / n
-
-
-def passkey_accuracy(path, seq_len, n=16):
-    """Exact keys and correct digits (chance: 10%) of greedy answers to passkey prompts of about seq_len tokens."""
-    from nanoqwen.engine import generate_batch, load
-    model, tokenizer = load(path, device="cpu")
-    rng, filler = random.Random(7), len(tokenizer.encode(data.PASSKEY_FILLER))
-    items = [data.passkey_prompt(rng, (seq_len - 80) // filler) for _ in range(n)]
-    results = generate_batch(model, tokenizer, [prompt for prompt, _ in items], max_new_tokens=7, temperature=0)
-    answers = [r.text.strip()[:5] for r in results]
-    exact = sum(a == key for a, (_, key) in zip(answers, items)) / n
-    digits = sum(x == y for a, (_, key) in zip(answers, items) for x, y in zip(a, key)) / (5 * n)
-    return exact, digits
-
-
-@torch.no_grad()
-def loss_at_lengths(path, data_dir, lengths, rows=4):
-    """Mean loss over the same held-out tokens cut into windows of each length."""
-    model = load_model(path).eval()
-    loader = data.PackedLoader(data_dir, 1, max(lengths), seed=0)
-    rows = [loader.next_batch()["input_ids"] for _ in range(rows)]
-    return {length: float(np.mean([model(r.reshape(-1, length), labels=r.reshape(-1, length)).loss.item()
-                                   for r in rows])) for length in lengths}
+def task_accuracy(path, task, n=8):
+    """Greedy completions of held-out questions of one family at difficulty 1 (English), verified by the task."""
+    return evaluate.completion_accuracy(path, n=n, seed=123, max_new_tokens=64, device="cpu", tasks=[task],
+                                        difficulty=1, languages=["en"])["accuracy"]
 
 
 def unigram_entropy(data_dir) -> float:
@@ -219,8 +190,9 @@ def test_three_stages(tmp_path, budget):
     cli.main(["pretrain", "--stage", "3", "--steps", str(s3), *common])
     stage3 = latest_checkpoint(f"{out}/stage3")
     assert json.load(open(f"{stage3}/config.json"))["rope_theta"] == 1_000_000.0
-    losses = loss_at_lengths(stage3, f"{out}/stage3/data/test", [256, 1024])
-    exact, digits = passkey_accuracy(stage3, 2048)
+    losses = evaluate.loss_at_lengths(stage3, f"{out}/stage3/data/test", [256, 1024])
+    passkey = evaluate.passkey_accuracy(stage3, 2048, device="cpu")
+    exact, digits = passkey["exact"], passkey["digits"]
     print(f"stage 3: loss at 256 {losses[256]:.3f}, at 1024 {losses[1024]:.3f}; passkey at 2048 tokens: "
           f"{exact:.0%} exact, {digits:.0%} digits (chance 10%)")
     assert losses[1024] <= losses[256] + 0.01

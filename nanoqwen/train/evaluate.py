@@ -34,10 +34,11 @@ def completion_accuracy(model_path: str, n: int = 64, seed: int = 0, max_new_tok
     per_task: dict[str, list[bool]] = {}
     for ex, res in zip(examples, results):
         text = res.text.split("<|endoftext|>")[0]
-        end = text.find("\n", text.find(ANSWER_PREFIX[ex.language]))  # stop after the first answer line
+        start = text.find(ANSWER_PREFIX[ex.language])  # judge up to the end of the first answer line
+        end = text.find("\n", start) if start >= 0 else -1
         per_task.setdefault(ex.task, []).append(bool(TASKS[ex.task].verify(text if end < 0 else text[:end], ex)))
     hits = [h for v in per_task.values() for h in v]
-    return dict(accuracy=sum(hits) / max(1, len(hits)),
+    return dict(accuracy=sum(hits) / max(1, len(hits)), n=len(hits),
                 per_task={task: sum(v) / len(v) for task, v in sorted(per_task.items())})
 
 

@@ -83,6 +83,19 @@ def rl_prompts(n: int, seed: int = 1, **task_filter) -> list[dict]:
     return [task_record(ex) for ex in sample_examples(n, "train", seed, **task_filter)]
 
 
+def learnable(model_path: str, records: list[dict], samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
+              **sampling) -> list[dict]:
+    """The report's selection of RL queries: those the current model solves sometimes but not always (0 < hits <
+    samples over `samples` thinking answers), so every GRPO group has a reward spread to learn from."""
+    model, tokenizer = load(model_path, device="cpu")
+    rates = solves(model, tokenizer, records, enable_thinking=True, samples=samples, max_new_tokens=max_new_tokens,
+                   seed=seed, **sampling)
+    kept = [r for r, rate in zip(records, rates) if 0 < rate < 1]
+    print(f"rl: {len(kept)} of {len(records)} queries are learnable (solved in 1..{samples - 1} of {samples} "
+          f"samples); {sum(r == 0 for r in rates)} never, {sum(r == 1 for r in rates)} always solved: dropped")
+    return kept
+
+
 def fusion_data(model_path: str, n: int, seed: int = 0, samples: int = 4, multi_turn: float = 0.3,
                 unflagged: float = 0.2, **task_filter) -> list[dict]:
     """Stage 3: thinking answers rejection-sampled from the stage-2 model on stage-1 queries (the generator's verified
