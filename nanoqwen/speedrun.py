@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 # model can learn in minutes on a CPU; bigger scales widen it.
 SCALES = {
     "tiny": dict(teacher="nano-d2", student="nano-d2", vocab=512, tasks="arithmetic,units", difficulty="1-2",
-                 languages="en", pretrain=(30, 10, 4), student_pretrain=(20, 8), batch=8, coldstart=(128, 10),
+                 languages="en", pretrain=(30, 10, 4), student_pretrain=(20, 8), batch=8, coldstart=(128, 60, 3e-3),
                  rl=(2, 4, 4), fusion=(64, 10), rm=(32, 6), general=(1, 4, 4), distill_off=(64, 10),
                  distill_on=(4, 8), student_rl=(2, 4, 4), eval=(16, 1), max_new_tokens=160, moe=True),
     "cpu": dict(teacher="nano-d4", student="nano-d2", vocab=1024, tasks="lists,logic,units,word_problems",
@@ -90,9 +90,9 @@ def recipe(out: str, s: dict, launcher: list[str]) -> list[Step]:
                                      str(s["pretrain"][0]), "--batch-size", str(s["batch"]), "--vocab-size",
                                      str(s["vocab"]), *tasks, *quiet], j("moe", "stage1", "latest"), launcher))
     base = j("teacher", "stage3")
-    n, k = s["coldstart"]
+    n, k, lr = (*s["coldstart"], 1e-3)[:3]  # (samples, steps[, lr]): the tiny teacher must learn to end its turns
     steps.append(Step("coldstart", ["sft", "--stage", "coldstart", "--model", base, "--out", j("coldstart"),
-                                    "--samples", str(n), "--steps", str(k), "--batch-size", "16", "--lr", "1e-3",
+                                    "--samples", str(n), "--steps", str(k), "--batch-size", "16", "--lr", str(lr),
                                     *tasks, *quiet], j("coldstart", "latest")))
     rl("rl", j("coldstart"), s["rl"])
     n, k = s["fusion"]

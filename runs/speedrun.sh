@@ -13,7 +13,7 @@ $nq speedrun --scale "${SCALE:-cpu}" --out "$OUT" ${LAUNCHER:+--launcher "$LAUNC
 MODEL="$OUT/general/$(cat "$OUT/general/latest")"
 echo
 echo "== The post-trained teacher answers a held-out problem (thinking, greedy):"
-$nq generate --model "$MODEL" --temperature 0 --max-new-tokens 256 --prompt "What is 47 + 38?"
+$nq generate --model "$MODEL" --temperature 0 --max-new-tokens 256 --prompt "Convert 7 meters to centimeters."
 echo
 echo "Report card: $OUT/report.md"
 echo "Chat with the teacher:  $nq chat --model $MODEL"

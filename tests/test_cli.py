@@ -25,19 +25,30 @@ def thinker_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def long_thinker_dir(tmp_path_factory):
+    """The same thinker with a 64K context: its thinking outlasts any Ctrl-C however fast the machine decodes."""
+    path = tmp_path_factory.mktemp("long_thinker")
+    model = scripted_model(thinker_script(load_tokenizer())[0])
+    model.config.max_position_embeddings = 65536
+    save_model(model, str(path))
+    return str(path)
+
+
 def nanoqwen(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "nanoqwen", *args], input=stdin, capture_output=True, text=True,
                           env=ENV, cwd=REPO, timeout=120)
 
 
-def test_chat_session_in_a_terminal(thinker_dir):
-    child = pexpect.spawn(sys.executable, ["-m", "nanoqwen", "chat", "--model", thinker_dir], env=ENV, cwd=REPO,
-                          encoding="utf-8", timeout=60)
+def test_chat_session_in_a_terminal(long_thinker_dir):
+    child = pexpect.spawn(sys.executable, ["-m", "nanoqwen", "chat", "--model", long_thinker_dir,
+                                           "--max-new-tokens", "60000"], env=ENV, cwd=REPO, encoding="utf-8",
+                          timeout=60)
     try:
         child.expect(">>> ")
         assert "/budget" in child.before  # the banner lists the commands
         child.sendline("hi there")
-        child.expect_exact(DIM + " hmm hmm hmm")  # thinking streams, dimmed, and would go on for ~1000 tokens
+        child.expect_exact(DIM + " hmm hmm hmm")  # thinking streams, dimmed, and would go on for 60,000 tokens
         child.sendintr()  # Ctrl-C stops the answer, not the chat
         child.expect_exact("[interrupted]")
         child.expect(">>> ")

@@ -510,3 +510,13 @@ def test_tiny_top_p_keeps_the_best_token():
     sampler.set_row(0, SamplingParams(temperature=1.0, top_p=5e-324, top_k=0, min_p=0.0, seed=0), [1])
     logits = torch.randn(1, 50)
     assert sampler.sample(logits, [0]).item() == logits.argmax().item()
+
+
+def test_load_takes_a_run_folder(tiny, tmp_path):
+    """A training run's folder (a `latest` file naming its newest checkpoint) loads that checkpoint."""
+    import shutil
+    shutil.copytree(tiny, tmp_path / "step_000002")
+    (tmp_path / "latest").write_text("step_000002\n")
+    model, tokenizer = load(str(tmp_path), device="cpu")
+    reference, _ = load(tiny, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
