@@ -68,13 +68,18 @@ def compile_blocks(model):
     return model
 
 
-def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile_ours):
+def random_checkpoint(config, dtype) -> tempfile.TemporaryDirectory:
+    """A seeded random model of this config saved in dtype to a temporary folder (.name), for both peers to load."""
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
     model = nanoqwen.Qwen3ForCausalLM(config)
     model.init_weights()
     nanoqwen.save_model(model.to(dtype), tmp.name)
-    del model
+    return tmp
+
+
+def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile_ours):
+    tmp = random_checkpoint(config, dtype)
     x = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     fpt, peak = flops_per_token(config, seq), PEAK_FLOPS[device]
 

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nanoqwen  # noqa: E402
 from nanoqwen.config import get_preset  # noqa: E402
 from nanoqwen.train.trainer import PEAK_FLOPS, TrainConfig, Trainer, flops_per_token  # noqa: E402
-from bench_model import timed  # noqa: E402  (the one timing loop of the benchmarks)
+from bench_model import random_checkpoint, timed  # noqa: E402  (shared with the model benchmark)
 
 
 def batches(config, batch, seq, device, packed):
@@ -64,12 +64,7 @@ def transformers_rate(path, config, batch, seq, dtype, device, steps, warmup):
 
 
 def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile, only=None):
-    torch.manual_seed(0)
-    tmp = tempfile.TemporaryDirectory()
-    model = nanoqwen.Qwen3ForCausalLM(config)
-    model.init_weights()
-    nanoqwen.save_model(model.to(dtype), tmp.name)
-    del model
+    tmp = random_checkpoint(config, dtype)
     args = (tmp.name, config, batch, seq, dtype, device, steps, warmup)
     variants = [("nanoqwen Trainer", lambda: nanoqwen_rate(*args))]
     if compile:

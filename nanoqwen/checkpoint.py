@@ -214,3 +214,13 @@ def save_model(model: Qwen3ForCausalLM, path: str, max_shard_size="5GB", dtype=N
     if config.vocab_size < 151643:  # a small model with its own trained tokenizer: special ids come from it
         generation = {k: v for k, v in generation.items() if not k.endswith("token_id")}
     atomic_write(os.path.join(path, "generation_config.json"), json.dumps(generation, indent=2).encode())
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The folder OUT/latest names, or None."""
+    pointer = os.path.join(out_dir, "latest")
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(out_dir, f.read().strip())
+    return path if os.path.isdir(path) else None

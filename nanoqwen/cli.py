@@ -239,9 +239,8 @@ def cmd_tokenizer_train(args):
 
 def _task_filter(args) -> dict:
     """--tasks a,b --difficulty 1-2 --languages en as iter_examples keywords."""
-    lo, _, hi = (args.difficulty or "").partition("-")
-    return dict(tasks=args.tasks.split(",") if args.tasks else None, difficulty=(int(lo), int(hi or lo)) if lo else None,
-                languages=args.languages.split(",") if args.languages else None)
+    from .tasks import parse_filter
+    return parse_filter(args.tasks, args.difficulty, args.languages)
 
 
 def _train_options(args) -> dict:

@@ -170,6 +170,12 @@ _RELEASED = {
 }
 
 
+def padded_vocab_size(tokenizer_size: int, multiple: int = 64) -> int:
+    """Embedding rows for a tokenizer: its size rounded up to a multiple of 64 (matmul-friendly; rows past the
+    tokenizer are padding, never sampled)."""
+    return -(-tokenizer_size // multiple) * multiple
+
+
 def small_config(depth: int, vocab_size: int = 8192, moe: bool = False, max_position_embeddings: int = 4096) -> Qwen3Config:
     """Laptop-sized Qwen3 shapes from one knob (as nanochat): width 64*depth, head_dim 64, GQA 2:1, SwiGLU 3x.
 

@@ -29,8 +29,8 @@ def _metrics(path: str) -> list[dict]:
 
 
 def _latest(folder: str) -> str | None:
-    from .train.trainer import latest_checkpoint
-    return latest_checkpoint(folder) if os.path.isdir(folder) else None
+    from .checkpoint import latest_checkpoint
+    return latest_checkpoint(folder)
 
 
 def _stage_dir(out: str, name: str) -> str:
@@ -46,13 +46,12 @@ def _stage_dir(out: str, name: str) -> str:
 def base_checks(out: str, s: dict) -> dict:
     """Held-out completion accuracy after S1 and S2 (teacher and student), and the long-context checks of S3: loss
     at 1x and 4x the S1 length and passkey retrieval at the S3 length, before (S2 weights) and after S3."""
+    from .tasks import parse_filter
     from .train import evaluate
     from .train.pretrain import stage_seq_len
     path = os.path.join(out, "eval", "base.json")
     cached = _read_json(path) or {}
-    lo, _, hi = s["difficulty"].partition("-")
-    task_filter = dict(tasks=s["tasks"].split(",") if s["tasks"] else None, difficulty=(int(lo), int(hi or lo)),
-                       languages=s["languages"].split(",") if s["languages"] else None)
+    task_filter = parse_filter(s["tasks"], s["difficulty"], s["languages"])
     n = max(32, 2 * s["eval"][0])
     for model in ("teacher", "student"):
         for stage in (1, 2):

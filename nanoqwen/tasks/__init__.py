@@ -21,7 +21,7 @@ from .units import Units
 from .word_problems import WordProblems
 
 __all__ = ["Example", "Task", "TASKS", "LANGUAGES", "ANSWER_PREFIX", "get_task", "sample_examples", "iter_examples",
-           "format_document", "to_messages", "answer_line", "extract_final", "general_text", "is_test"]
+           "format_document", "to_messages", "answer_line", "extract_final", "general_text", "is_test", "parse_filter"]
 
 TASKS: dict[str, Task] = {task.name: task for task in
                           (Arithmetic(), WordProblems(), Countdown(), Lists(), Units(), Logic())}
@@ -39,6 +39,13 @@ def get_task(name: str) -> Task:
 def is_test(example: Example) -> bool:
     """Whether a problem is held out for evaluation; by its key, so a problem is held out in every language."""
     return stable_hash(f"{example.task}|{example.meta.get('key', example.question)}") % TEST_BUCKETS == 0
+
+
+def parse_filter(tasks: str | None = None, difficulty: str | None = None, languages: str | None = None) -> dict:
+    """Command-line task filters ("a,b", "N" or "LO-HI", "en,zh") as iter_examples keywords (None: no filter)."""
+    lo, _, hi = (difficulty or "").partition("-")
+    return dict(tasks=tasks.split(",") if tasks else None, difficulty=(int(lo), int(hi or lo)) if lo else None,
+                languages=languages.split(",") if languages else None)
 
 
 def _difficulty_range(difficulty) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..checkpoint import load_model, save_model
-from ..config import get_preset
+from ..config import get_preset, padded_vocab_size
 from ..engine import encode_prompt, generate_batch, load
 from . import rewards
 from .posttrain import resolve, write_jsonl
@@ -128,7 +128,7 @@ def prepare_student(student: str, teacher: str, teacher_tok, out: str, seed: int
         raise FileNotFoundError(f"student {student}: no checkpoint folder there (and it is not a preset name)")
     vocab = get_preset(student).vocab_size
     if student.startswith("nano") or vocab < teacher_tok.vocab_size:
-        vocab = -(-teacher_tok.vocab_size // 64) * 64
+        vocab = padded_vocab_size(teacher_tok.vocab_size)
     torch.manual_seed(seed)
     model = load_model(student, vocab_size=vocab)
     path = os.path.join(out, "student_init")

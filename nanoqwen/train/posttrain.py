@@ -17,6 +17,7 @@ import os
 import random
 from collections import Counter
 
+from ..checkpoint import latest_checkpoint
 from ..engine import generate_batch, load
 from ..tasks import TASKS, answer_line, sample_examples, to_messages
 from . import rewards
@@ -24,7 +25,6 @@ from . import rewards
 
 def resolve(path: str) -> str:
     """A checkpoint folder, or a run folder whose `latest` names one."""
-    from .trainer import latest_checkpoint
     return latest_checkpoint(path) or path
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .. import data
 from ..checkpoint import load_model
-from ..config import get_preset
+from ..config import get_preset, padded_vocab_size
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .parallelize import init_distributed, is_distributed
 from .trainer import TrainConfig, Trainer, latest_checkpoint
@@ -126,7 +126,7 @@ def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: in
     _barrier()
     tokenizer = build_tokenizer(preset, out, vocab_size, corpora, seed, task_filter) if rank else tokenizer
     if stage == 1:
-        overrides = dict(vocab_size=-(-tokenizer.vocab_size // 64) * 64) if small else {}
+        overrides = dict(vocab_size=padded_vocab_size(tokenizer.vocab_size)) if small else {}
         torch.manual_seed(seed)
         model = load_model(preset, rope_theta=10_000.0, **overrides)
     else:

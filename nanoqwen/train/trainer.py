@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import atomic_write, load_model, save_model
+from ..checkpoint import atomic_write, latest_checkpoint, load_model, save_model  # noqa: F401 (re-exported)
 from ..model import ExpertCounter, Qwen3ForCausalLM
 from .parallelize import is_distributed, parallelize
 
@@ -311,16 +311,6 @@ def check_compatible(path: str, config) -> None:
         if getattr(saved, field) != getattr(config, field):
             raise ValueError(f"checkpoint {path} is incompatible with this model: {field} is "
                              f"{getattr(saved, field)} there, {getattr(config, field)} here")
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The folder OUT/latest names, or None."""
-    pointer = os.path.join(out_dir, "latest")
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer) as f:
-        path = os.path.join(out_dir, f.read().strip())
-    return path if os.path.isdir(path) else None
 
 
 def write_checkpoint(out_dir: str, step: int, model, state: dict, tokenizer=None, keep: int = 2) -> str:
