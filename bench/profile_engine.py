@@ -7,7 +7,8 @@ time per step and the top kernels; optionally a few variants of the step and a c
 
 Variants: default (the engine as shipped), tune (inductor coordinate-descent tuning: matrix-vector products become
 tuned Triton reductions), sdpa (the single-query attention through scaled_dot_product_attention), unfused (separate
-q/k/v and gate/up matmuls), eager (no compile, no CUDA graph).
+q/k/v and gate/up matmuls), kernels (nanoqwen/kernels.py's fused batch-1 Triton kernels, opt-in,
+not yet measured on a GPU), eager (no compile, no CUDA graph).
 """
 import argparse
 import os
@@ -20,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nanoqwen.engine as engine_module  # noqa: E402
+import nanoqwen.kernels as kernels_module  # noqa: E402
 import nanoqwen.model as model_module  # noqa: E402
 from nanoqwen.checkpoint import load_model  # noqa: E402
 from nanoqwen.engine import Engine, Request  # noqa: E402
@@ -40,6 +42,7 @@ def set_variant(name: str) -> None:
     torch._dynamo.reset()
     engine_module._COMPILED.clear()
     inductor_config.coordinate_descent_tuning = name == "tune"
+    kernels_module.ENABLED = name == "kernels"
     model_module.decode_attention = sdpa_decode_attention if name == "sdpa" else ORIGINAL_ATTENTION
 
 
@@ -159,7 +162,7 @@ def main():
     ap.add_argument("--steps", type=int, default=32, help="profiled decode steps")
     ap.add_argument("--top", type=int, default=15, help="kernels listed (0: no profile)")
     ap.add_argument("--variants", nargs="+", default=["default"],
-                    choices=["default", "tune", "sdpa", "unfused", "eager"])
+                    choices=["default", "kernels", "tune", "sdpa", "unfused", "eager"])
     ap.add_argument("--check", action="store_true", help="check engine features on the device first")
     ap.add_argument("--first-batch-only", action="store_true", help="variants after the first: first batch only")
     args = ap.parse_args()

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import Qwen3Config
 
 
@@ -115,12 +116,19 @@ class Attention(nn.Module):
         self.qkv_weight = None  # [q; k; v] stacked, made by fuse_projections (not a parameter, never saved)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_slots=None, kv_len=None):
-        B, T, _ = x.shape
         if self.qkv_weight is not None and _FUSED:  # one matmul instead of three (inference)
-            q, k, v = F.linear(x, self.qkv_weight).split([self.q_proj.out_features, self.k_proj.out_features,
-                                                          self.v_proj.out_features], dim=-1)
+            q, k, v = self.split_qkv(F.linear(x, self.qkv_weight))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache, cache_slots, kv_len))
+
+    def split_qkv(self, qkv: torch.Tensor):
+        return qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+
+    def attend(self, q, k, v, cos, sin, mask=None, cache: KVCache | None = None, cache_slots=None, kv_len=None):
+        """QK-norm, RoPE, the cache and attention over projected (B, T, heads * head_dim) q, k, v; the result goes
+        into o_proj."""
+        B, T, _ = q.shape
         q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim))  # QK-norm comes before RoPE
         k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -130,14 +138,14 @@ class Attention(nn.Module):
             k, v = cache.update(cache_slots, k, v)
             if kv_len is not None:  # attend only to the filled prefix (the CPU path; CUDA graphs use the full buffer)
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        if T == 1 and cache is not None and mask is not None and (x.device.type == "cpu" or q.dtype == torch.float32):
+        if T == 1 and cache is not None and mask is not None and (q.device.type == "cpu" or q.dtype == torch.float32):
             # one query per row: written out on the CPU, and for fp32 on the GPU, where SDPA has no GQA kernel and
             # its math fallback copies the keys and values once per query head; bf16 on the GPU uses SDPA's kernels
             y = decode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -285,6 +293,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(config) if self.is_sparse else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_slots=None, kv_len=None):
+        if _FUSED and x.shape[1] == 1 and cache is not None and kernels.available(x) and \
+                self.self_attn.qkv_weight is not None and getattr(self.mlp, "gate_up_weight", None) is not None:
+            return kernels.decode_layer(self, x, cos, sin, mask, cache, cache_slots, kv_len), None  # GPU decoding
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_slots, kv_len)
         y = self.mlp(self.post_attention_layernorm(x))
         router_logits = None
@@ -402,19 +413,20 @@ class Qwen3ForCausalLM(nn.Module):
             x, r = layer(x, cos, sin, mask, cache[i] if cache is not None else None, cache_position, kv_len)
             if r is not None:
                 router_logits.append(r)
-        x = self.model.norm(x)
-
         out = CausalLMOutput()
         want_router = self.config.output_router_logits if output_router_logits is None else output_router_logits
         if labels is not None:
-            out.loss = causal_lm_loss(x, self.lm_head.weight, labels)
+            out.loss = causal_lm_loss(self.model.norm(x), self.lm_head.weight, labels)
             if router_logits and (want_router or self.training):
                 valid = attention_mask[:, -T:].reshape(-1).bool() if attention_mask is not None else None
                 out.aux_loss = load_balancing_loss(router_logits, self.config.num_experts,
                                                    self.config.num_experts_per_tok, valid, expert_counter)
                 out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
+        elif _FUSED and T == 1 and kernels.available(x):  # GPU decoding: the final norm fused into lm_head
+            out.logits = kernels.gemv(x, self.lm_head.weight, norm=self.model.norm)
         else:
-            out.logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+            x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
+            out.logits = self.lm_head(x)
         if want_router:
             out.router_logits = tuple(router_logits)
         return out

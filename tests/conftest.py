@@ -1,8 +1,12 @@
 """Fixtures shared by the test modules: one thread for tiny models, the official tokenizer, a tiny checkpoint."""
 import itertools
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels (nanoqwen/kernels.py) run in Triton's interpreter on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from nanoqwen import data
 from nanoqwen.checkpoint import load_model, save_model
