@@ -299,8 +299,8 @@ def cmd_rl(args):
     reference = load(posttrain.resolve(args.model), device="cpu")[0] if args.kl_coef > 0 else None
     config = GRPOConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                         iterations=args.iterations, micro_batch=args.micro_batch, clip_low=args.clip_low,
-                        clip_high=args.clip_high, kl_coef=args.kl_coef, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, seed=args.seed)
+                        clip_high=args.clip_high, kl_coef=args.kl_coef, resample=args.resample,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     path = run_grpo(model, tokenizer, prompts, args.out, args.steps, config, lr=args.lr, reference=reference,
                     judge=judge, reward_model=reward_model, **_train_options(args))
     print(f"rl {args.stage} done: {path}")
@@ -408,6 +408,9 @@ def _add_posttrain_parsers(sub) -> None:
     p.add_argument("--clip-low", type=float, default=0.2)
     p.add_argument("--clip-high", type=float, default=0.28)
     p.add_argument("--kl-coef", type=float, default=0.0)
+    p.add_argument("--resample", type=int, default=0, metavar="R",
+                   help="up to R extra sampling rounds per step to replace groups whose rewards are all equal "
+                        "(DAPO's dynamic sampling)")
     p.add_argument("--learnable", type=int, default=0, metavar="K",
                    help="reasoning: keep generated queries the model solves in 1..K-1 of K samples (0: keep all)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)

@@ -6,8 +6,9 @@
                mix(streams, weights)      one deterministic stream from several
     shards     write_shards(docs, tok)    tokens_NNNNN.bin (uint16 below 65,536 ids, else uint32) + docs_NNNNN.npy
                                           (each document's end offset) + meta.json; written into a temporary folder, renamed
-    batches    PackedLoader(dir, ...)     documents shuffled per epoch by seed, concatenated, cut into rows of seq_len;
-                                          yields input_ids, labels and document_ids (attention never crosses documents);
+    batches    PackedLoader(dir, ...)     documents shuffled per epoch by seed, concatenated, cut into rows of seq_len
+                                          (or, whole_documents, never cut: padded rows); yields input_ids, labels and
+                                          document_ids (attention never crosses documents);
                                           state_dict() / load_state_dict() resume mid-epoch
 """
 from __future__ import annotations
@@ -168,6 +169,12 @@ def passkey_prompt(rng: random.Random, num_filler: int) -> tuple[str, str]:
     return text, key
 
 
+def passkey_document(rng: random.Random, num_filler: int) -> str:
+    """A passkey prompt and its answer, as training text."""
+    prompt, key = passkey_prompt(rng, num_filler)
+    return f"{prompt} {key}."
+
+
 def long_documents(tokenizer, max_tokens: int, split: str = "train", seed: int = 0, passkey_weight: float = 0.3,
                    tasks_weight: float = 0.5, prose_weight: float = 0.2, tasks=None, difficulty=None, languages=None):
     """Documents of up to max_tokens: 75% with a length in the upper half (max/2..max), 25% in the lower half
@@ -182,8 +189,7 @@ def long_documents(tokenizer, max_tokens: int, split: str = "train", seed: int =
             rng.randint(max_tokens // 8, max_tokens // 2)
         kind = rng.choices(["passkey", "tasks", "prose"], [passkey_weight, tasks_weight, prose_weight])[0]
         if kind == "passkey":
-            prompt, key = passkey_prompt(rng, max(1, (target - 60) // filler_tokens))
-            yield f"{prompt} {key}."
+            yield passkey_document(rng, max(1, (target - 60) // filler_tokens))
             continue
         family, language = families[rng.choice(sorted(families))], rng.choice(languages or LANGUAGES)
         pieces, length = [], 0
@@ -262,12 +268,17 @@ class PackedLoader:
     Each epoch visits every document once in an order drawn from (seed, epoch); documents are concatenated and cut
     into rows of seq_len tokens (a document longer than what is left of a row continues in the next row, with its
     positions restarting). Every global batch is batch_size * world_size rows; rank r takes its slice, so N ranks
-    see exactly the rows one process with batch_size * N would see."""
+    see exactly the rows one process with batch_size * N would see.
+    whole_documents (long-context training): a document that does not fit in what is left of a row starts the next
+    row instead, and the rest of the row is padding (<|endoftext|>, document id -1, never a target), so a document
+    of up to seq_len tokens is always seen whole: a passkey and its question in the same row."""
 
-    def __init__(self, data_dir: str, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, data_dir: str, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 whole_documents: bool = False):
         meta = read_meta(data_dir)
         dtype = np.dtype(meta["dtype"])
         self.batch_size, self.seq_len, self.seed, self.rank, self.world_size = batch_size, seq_len, seed, rank, world_size
+        self.whole_documents, self.eos = whole_documents, meta["eos_token_id"]
         self.tokens, self.starts, self.ends = [], [], []
         for i, name in enumerate(meta["shards"]):
             self.tokens.append(np.memmap(os.path.join(data_dir, f"tokens_{name}.bin"), dtype=dtype, mode="r"))
@@ -301,6 +312,9 @@ class PackedLoader:
         ids, doc_ids, filled, piece = np.empty(self.seq_len, np.int64), np.empty(self.seq_len, np.int64), 0, 0
         while filled < self.seq_len:
             document = self._document(self.cursor)
+            if self.whole_documents and filled and self.offset == 0 and len(document) > self.seq_len - filled:
+                ids[filled:], doc_ids[filled:] = self.eos, -1  # padding: the document starts the next row
+                break
             take = min(len(document) - self.offset, self.seq_len - filled)
             ids[filled:filled + take] = document[self.offset:self.offset + take]
             doc_ids[filled:filled + take] = piece
@@ -318,6 +332,7 @@ class PackedLoader:
         document_ids = torch.from_numpy(np.stack([r[1] for r in mine]))
         labels = input_ids.clone()
         labels[:, 1:][document_ids[:, 1:] != document_ids[:, :-1]] = -100  # never predict across a boundary
+        labels[document_ids < 0] = -100  # nor padding
         return dict(input_ids=input_ids, labels=labels, document_ids=document_ids)
 
     def __iter__(self):

@@ -320,15 +320,32 @@ def write_report(out: str, scale: str, s: dict, timings: dict) -> str:
     return path
 
 
-def _compare(before: float | None, after: float | None, samples: int) -> str:
-    """Whether `after` beats `before` beyond two standard errors of a pass rate measured on `samples` answers."""
+def _compare(before: float | None, after: float | None, samples: int, pairs=None) -> str:
+    """Whether `after` beats `before` beyond two standard errors. pairs: the per-problem pass rates (before, after)
+    on the same held-out problems: the standard error is that of the mean per-problem difference (a paired test;
+    problem difficulty cancels). Without them: that of a difference of two independent rates over `samples` answers."""
     if before is None or after is None:
         return _check(None)
-    p = max(0.05, min(0.95, (before + after) / 2))
-    noise = 2 * (2 * p * (1 - p) / max(1, samples)) ** 0.5  # 2 SE of a difference of two such rates
+    if pairs:
+        diffs = [b - a for a, b in zip(*pairs)]
+        mean = sum(diffs) / len(diffs)
+        noise = 2 * (sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1) / len(diffs)) ** 0.5
+        test = "paired, "
+    else:
+        p = max(0.05, min(0.95, (before + after) / 2))
+        noise = 2 * (2 * p * (1 - p) / max(1, samples)) ** 0.5  # 2 SE of a difference of two such rates
+        test = ""
     if abs(after - before) <= noise:
-        return f"**within noise** (±{noise:.3f})"
-    return _check(after > before)
+        return f"**within noise** ({test}±{noise:.3f})"
+    return f"{_check(after > before)} ({test}±{noise:.3f})"
+
+
+def _pairs(a: dict | None, b: dict | None, mode_a: str = "thinking", mode_b: str = "thinking"):
+    """Per-problem pass rates of two evaluations on the same problems (same fingerprint), or None."""
+    if not a or not b or not a.get("problems") or a.get("problems") != b.get("problems"):
+        return None
+    rates = a[mode_a].get("per_problem"), b[mode_b].get("per_problem")
+    return rates if all(rates) and len(rates[0]) == len(rates[1]) else None
 
 
 def findings(base: dict, evals: dict, compute: dict) -> list[str]:
@@ -336,6 +353,7 @@ def findings(base: dict, evals: dict, compute: dict) -> list[str]:
     pass rates count only beyond two standard errors)."""
     acc = lambda n, mode="thinking": evals[n][mode]["pass_at_1"] if n in evals else None  # noqa: E731
     answers = next((r["n"] * r["k"] for r in evals.values()), 1)  # answers behind each pass@1
+    paired = lambda a, b: _pairs(evals.get(a), evals.get(b))  # noqa: E731
     lines = []
     a, b = base.get("teacher-s1"), base.get("teacher-s2")
     lines.append(f"- S2 (reasoning data, fast LR decay) raises held-out task accuracy: "
@@ -351,7 +369,7 @@ def findings(base: dict, evals: dict, compute: dict) -> list[str]:
                      f"tokens {before['passkey']['digits']:.2f} -> {after['passkey']['digits']:.2f} (chance 0.10): "
                      f"{_check(after['passkey']['digits'] > 0.2)}")
     lines.append(f"- Reasoning RL improves on the cold start (thinking pass@1): {_f(acc('coldstart'))} -> "
-                 f"{_f(acc('rl'))}: {_compare(acc('coldstart'), acc('rl'), answers)}")
+                 f"{_f(acc('rl'))}: {_compare(acc('coldstart'), acc('rl'), answers, paired('coldstart', 'rl'))}")
     if "fusion" in evals:
         f = evals["fusion"]
         lines.append(f"- Thinking-mode fusion makes the model follow /think and /no_think: ThinkFollow "
@@ -360,21 +378,23 @@ def findings(base: dict, evals: dict, compute: dict) -> list[str]:
                      f"{_check(f['think_follow'] >= 0.9)}")
     if "general" in evals:
         g = evals["general"]
+        modes = _pairs(g, g, "non_thinking")  # the same problems in both modes
         lines.append(f"- General RL keeps or raises ThinkFollow: {evals.get('fusion', {}).get('think_follow', 0):.3f} -> "
                      f"{g['think_follow']:.3f}: {_check(g['think_follow'] >= evals.get('fusion', g)['think_follow'] - 0.02)}")
         lines.append(f"- Thinking beats non-thinking on reasoning tasks: {g['thinking']['pass_at_1']:.3f} vs "
                      f"{g['non_thinking']['pass_at_1']:.3f}: "
-                     f"{_compare(g['non_thinking']['pass_at_1'], g['thinking']['pass_at_1'], answers)}")
+                     f"{_compare(g['non_thinking']['pass_at_1'], g['thinking']['pass_at_1'], answers, modes)}")
         curve = [b["accuracy"] for b in g.get("budget_curve", [])]
         if curve:
             lines.append(f"- Accuracy rises with the thinking budget (teacher): {curve[0]:.3f} at 0 -> {curve[-1]:.3f} "
                          f"unlimited: {_compare(curve[0], curve[-1], g['n'])}")
     if all(n in evals and n in compute for n in ("distill-on", "student-rl")):
         d, r = evals["distill-on"], evals["student-rl"]
+        on_vs_rl = paired("student-rl", "distill-on")
         lines.append(f"- On-policy distillation beats RL for the small model at less or equal compute: thinking pass@1 "
                      f"{d['thinking']['pass_at_1']:.3f} with {compute['distill-on']['flops']:.3g} FLOPs vs "
                      f"{r['thinking']['pass_at_1']:.3f} with {compute['student-rl']['flops']:.3g}: "
-                     f"{_compare(r['thinking']['pass_at_1'], d['thinking']['pass_at_1'], answers)}")
+                     f"{_compare(r['thinking']['pass_at_1'], d['thinking']['pass_at_1'], answers, on_vs_rl)}")
     if "distill-off" in evals and "general" in evals:
         lines.append(f"- The student after distillation against its teacher (thinking pass@1): "
                      f"{_f(acc('distill-on'))} vs {_f(acc('general'))} (the student has "

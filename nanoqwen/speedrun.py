@@ -25,16 +25,16 @@ from dataclasses import dataclass, field
 # model can learn in minutes on a CPU; bigger scales widen it.
 SCALES = {
     "tiny": dict(teacher="nano-d2", student="nano-d2", vocab=512, tasks="arithmetic,units", difficulty="1-2",
-                 languages="en", pretrain=(30, 10, 4), student_pretrain=(20, 8), batch=8, coldstart=(128, 60, 3e-3),
+                 languages="en", pretrain=(30, 10, 15), student_pretrain=(20, 8), batch=8, coldstart=(128, 60, 3e-3),
                  rl=(2, 4, 4), fusion=(64, 10), rm=(32, 6), general=(1, 4, 4), distill_off=(64, 10),
                  distill_on=(4, 8), student_rl=(2, 4, 4), eval=(16, 1), max_new_tokens=160, moe=True),
     "cpu": dict(teacher="nano-d4", student="nano-d2", vocab=1024, tasks="lists,logic,units,word_problems",
-                difficulty="1-2", languages="en", pretrain=(600, 400, 40), student_pretrain=(400, 200), batch=8,
+                difficulty="1-2", languages="en", pretrain=(600, 400, 150), student_pretrain=(400, 200), batch=8,
                 coldstart=(1024, 200), rl=(20, 8, 8), fusion=(512, 120), rm=(96, 30), general=(8, 8, 8),
-                distill_off=(512, 250), distill_on=(40, 16), student_rl=(16, 8, 8), eval=(96, 2),
+                distill_off=(512, 250), distill_on=(40, 16), student_rl=(16, 8, 8), eval=(192, 2),
                 max_new_tokens=192, moe=False),
     "gpu": dict(teacher="nano-d12", student="nano-d6", vocab=4096, tasks=None, difficulty="1-3", languages=None,
-                pretrain=(4000, 1500, 300), student_pretrain=(3000, 1000), batch=32, coldstart=(4096, 600),
+                pretrain=(4000, 1500, 1000), student_pretrain=(3000, 1000), batch=32, coldstart=(4096, 600),
                 rl=(100, 32, 8), fusion=(2048, 400), rm=(512, 100), general=(40, 32, 8), distill_off=(2048, 400),
                 distill_on=(100, 64), student_rl=(50, 32, 8), eval=(256, 4), max_new_tokens=512, moe=True),
 }

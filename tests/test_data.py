@@ -76,6 +76,21 @@ def test_packed_rows_respect_documents(shards):
     assert (labels[starts] == -100).all() and (labels[~starts] == ids[~starts]).all()
 
 
+def test_whole_documents_start_a_row(shards):
+    out, meta = shards
+    ends = [np.load(f"{out}/docs_{name}.npy") for name in meta["shards"]]
+    lengths = set(np.concatenate([np.diff(e, prepend=0) for e in ends]).tolist())  # none is over 1,024 tokens
+    batch = data.PackedLoader(out, batch_size=8, seq_len=1024, seed=0, whole_documents=True).next_batch()
+    ids, labels, docs = batch["input_ids"], batch["labels"], batch["document_ids"]
+    pad = docs < 0
+    assert pad.any() and (ids[pad] == meta["eos_token_id"]).all() and (labels[pad] == -100).all()
+    for row, row_docs in zip(ids, docs):  # every document in a row is whole
+        pieces = [row[row_docs == d] for d in row_docs.unique() if d >= 0]
+        assert all(len(p) in lengths and p[-1] == meta["eos_token_id"] for p in pieces)
+    plain = data.PackedLoader(out, batch_size=8, seq_len=1024, seed=0).next_batch()["document_ids"]
+    assert (plain >= 0).all()  # the default packing cuts documents across rows, with no padding
+
+
 def test_loader_is_deterministic_resumable_and_rank_sliced(shards):
     out, _ = shards
     take = lambda loader, n: [loader.next_batch()["input_ids"] for _ in range(n)]  # noqa: E731

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from nanoqwen import cli
+from nanoqwen import cli, report
 from nanoqwen.engine import load
 from nanoqwen.tasks import sample_examples, to_messages
 from nanoqwen.train import posttrain, rewards
-from nanoqwen.train.grpo import group_advantages, grpo_loss
+from nanoqwen.train.grpo import GRPO, GRPOConfig, group_advantages, grpo_loss, token_logprobs
 from nanoqwen.train.reward_model import bt_loss
 from nanoqwen.train.sandbox import run_code
 from nanoqwen.train.sft import encode_conversation, pad_batch, read_jsonl
@@ -49,6 +49,16 @@ def test_grpo_loss_by_hand():
     assert same.item() == pytest.approx(0.204, abs=1e-6)
     shifted, _ = grpo_loss(logp, old, adv, mask, ref_logp=logp + 1.0, kl_coef=0.5)
     assert shifted.item() == pytest.approx(0.204 + 0.5 * (math.e - 2), abs=1e-5)
+
+
+def test_token_logprobs_are_those_of_the_sampling_temperature():
+    class Fixed(torch.nn.Module):  # the same logits at every position
+        def forward(self, ids):
+            return type("Out", (), {"logits": torch.tensor([[[2.0, 0.0, 0.0]]]).expand(*ids.shape, 3)})()
+    ids = torch.tensor([[0, 1, 0]])
+    for t in (1.0, 0.5):
+        expected = torch.log_softmax(torch.tensor([2.0, 0.0, 0.0]) / t, -1)[[1, 0]]
+        assert torch.allclose(token_logprobs(Fixed(), ids, temperature=t)[0][0], expected)
 
 
 def test_grpo_loss_gradient_is_zero_when_clipped():
@@ -227,6 +237,8 @@ def test_every_command_writes_a_loadable_checkpoint(tiny, tmp_path, capsys):
     report = json.load(open(out / "eval" / "eval.json"))
     assert [b["budget"] for b in report["budget_curve"]] == [0, 8, None] and (out / "eval" / "budget.png").exists()
     assert 0 <= report["think_follow"] <= 1 and 0 <= report["thinking"]["pass_at_1"] <= 1
+    rates = report["thinking"]["per_problem"]  # per-problem pass rates, for the report's paired comparisons
+    assert len(rates) == 4 and sum(rates) / 4 == pytest.approx(report["thinking"]["pass_at_1"]) and report["problems"]
     for stage in ("cold", "rl", "fusion", "rm", "general"):
         load(latest_checkpoint(str(out / stage)), device="cpu")
 
@@ -241,3 +253,34 @@ def test_learnable_keeps_queries_solved_sometimes(tiny, monkeypatch, capsys):
     # unpatched, through the engine: a random model solves nothing, so nothing is learnable
     monkeypatch.undo()
     assert posttrain.learnable(tiny, records[:2], samples=2, max_new_tokens=8) == []
+
+
+def test_resampling_replaces_groups_without_a_reward_spread(tiny, tmp_path, monkeypatch):
+    model, tokenizer = load(tiny, device="cpu")
+    prompts = posttrain.rl_prompts(8, tasks=["lists"], difficulty=(1, 1), languages=["en"])
+    solved = {id(r): i in (2, 5) for i, r in enumerate(prompts)}  # two queries verify half the time; the rest never
+    calls = iter(range(10_000))
+    monkeypatch.setattr("nanoqwen.train.rewards.score",
+                        lambda record, text, *a: (float(solved[id(record)] and next(calls) % 2), 0.0))
+    config = GRPOConfig(prompts_per_step=2, group_size=2, micro_batch=4, iterations=1, max_new_tokens=4, resample=3)
+    grpo = GRPO(model, tokenizer, prompts, config, str(tmp_path))
+    batch = grpo.rollout()[0]
+    assert grpo.position == 6 and grpo.pending["learnable"] == 1.0  # rounds of 2 prompts until two groups spread
+    assert sorted(batch["advantages"].tolist()) == pytest.approx([-1, -1, 1, 1], abs=1e-3)
+    assert "old_logp" not in batch  # one pass over each rollout: the sampling policy is the current one
+    grpo = GRPO(model, tokenizer, prompts, GRPOConfig(**(vars(config) | dict(resample=0))), str(tmp_path))
+    assert grpo.rollout()[0]["advantages"].abs().sum() == 0 and grpo.position == 2  # without: the first two, flat
+
+
+def test_paired_comparison_on_the_same_problems():
+    before = [0.5] * 100
+    after = [0.5 + (0.1 if i % 2 else 0.0) for i in range(100)]  # +0.05 on average, every problem at least as good
+    assert "within noise" in report._compare(0.5, 0.55, 400)  # unpaired: 2 SE of two rates over 400 answers, 0.07
+    paired = report._compare(0.5, 0.55, 400, (before, after))
+    assert "**reproduced** (paired" in paired  # 2 SE of the mean difference: 0.01
+    swings = [1.0 if i % 2 else 0.1 for i in range(100)]  # the same mean, but problems move both ways
+    assert "within noise (paired" in report._compare(0.5, 0.55, 400, (before, swings)).replace("**", "")
+    a = dict(problems="x", thinking=dict(per_problem=before), non_thinking=dict(per_problem=after))
+    assert report._pairs(a, dict(a, thinking=dict(per_problem=after))) == (before, after)
+    assert report._pairs(a, a, "non_thinking") == (after, before)
+    assert report._pairs(a, dict(a, problems="y")) is None and report._pairs(a, dict(problems="x", thinking={})) is None

@@ -4,9 +4,12 @@ thinking length and the thinking-budget curve, as a table, OUT/eval.json and OUT
 ThinkFollow: on prompts whose latest soft switch is /think or /no_think (single turn, or a dialogue whose flag
 switched), how often the output obeys it: /think gives a non-empty think block, /no_think the empty block.
 All generation goes through the engine; answers are checked by the task verifiers (test split: never trained on).
+eval.json keeps each problem's pass rate per mode and a fingerprint of the problems, so two evaluations on the
+same problems compare by a paired test (report._compare).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -55,17 +58,21 @@ def passkey_accuracy(model_path: str, seq_len: int, n: int = 16, seed: int = 7, 
 
 
 def loss_at_lengths(model_path: str, data_dir: str, lengths, rows: int = 4) -> dict:
-    """Mean loss over the same held-out tokens (token shards at data_dir) cut into windows of each length."""
+    """Mean loss over the same held-out tokens (token shards at data_dir) cut into windows of each length; attention
+    and positions restart at document boundaries, as in training (whole documents per row, as stage 3 packs them)."""
     import numpy as np
     import torch
     from .. import data
     from ..checkpoint import load_model
     model = load_model(resolve(model_path), dtype=torch.float32).eval()
-    loader = data.PackedLoader(data_dir, 1, max(lengths), seed=0)
-    batches = [loader.next_batch()["input_ids"] for _ in range(rows)]
+    loader = data.PackedLoader(data_dir, 1, max(lengths), seed=0, whole_documents=True)
+    batches = [loader.next_batch() for _ in range(rows)]
+
+    def loss(b, n):
+        ids, labels, docs = (b[k].reshape(-1, n) for k in ("input_ids", "labels", "document_ids"))
+        return model(ids, labels=labels, document_ids=docs).loss.item()
     with torch.no_grad():
-        return {int(n): float(np.mean([model(b.reshape(-1, n), labels=b.reshape(-1, n)).loss.item() for b in batches]))
-                for n in lengths}
+        return {int(n): float(np.mean([loss(b, n) for b in batches])) for n in lengths}
 
 
 def pass_at_k(hits: list[list[float]], k: int) -> float:
@@ -107,11 +114,13 @@ def evaluate(model_path: str, n: int = 64, k: int = 4, seed: int = 0, budgets=BU
     model, tokenizer = load(path, device=device)
     examples = sample_examples(n, "test", seed, **task_filter)
     records = [task_record(ex) for ex in examples]
-    report = dict(model=path, n=n, k=k)
+    # the problems' fingerprint: per-problem rates of two evaluations pair up (report._compare) when it matches
+    problems = hashlib.sha1("\n".join(ex.question for ex in examples).encode()).hexdigest()[:16]
+    report = dict(model=path, n=n, k=k, problems=problems)
     for name, mode in (("thinking", True), ("non_thinking", False)):
         hits, length = accuracy(model, tokenizer, records, mode, k, max_new_tokens=max_new_tokens, seed=seed)
         report[name] = dict(pass_at_1=sum(map(sum, hits)) / (k * n), pass_at_k=pass_at_k(hits, k),
-                            mean_thinking_tokens=length)
+                            mean_thinking_tokens=length, per_problem=[sum(h) / k for h in hits])
     cases = think_follow_prompts(examples, seed)
     results = generate_batch(model, tokenizer, [m for m, _ in cases], max_new_tokens=max_new_tokens, seed=seed)
     follow = [rewards.think_follow_reward(r.text, want) for r, (_, want) in zip(results, cases)]

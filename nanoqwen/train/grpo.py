@@ -3,7 +3,10 @@ clipped-ratio objective its loss function.
 
 One RL step: take P prompts, sample a group of G answers each through the engine (batched), score them
 (rewards.score), turn the rewards into group-normalised advantages, record the sampling policy's token log-probs,
-then run `iterations` optimizer steps over that batch (the Trainer counts those). The loss:
+then run `iterations` optimizer steps over that batch (the Trainer counts those). With `resample` R, groups whose
+answers all score the same (zero advantage) are replaced by those of up to R further rounds of P fresh prompts (DAPO's
+dynamic sampling). Log-probs are taken at the sampling temperature (softmax(logits / T)): the policy that drew the
+tokens. The loss:
 
     ratio_t   = exp(logp_t - old_logp_t)                       per response token t
     loss_t    = -min(ratio_t * A, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A)  [+ kl_coef * KL_t to a reference]
@@ -45,6 +48,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    resample: int = 0             # extra sampling rounds to replace groups without reward spread (0: keep them)
     format_weight: float = 0.2
     seed: int = 0
 
@@ -72,9 +76,10 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, re
     return loss, dict(clip_fraction=clip_fraction.item())
 
 
-def token_logprobs(model, input_ids: torch.Tensor, with_entropy: bool = False):
-    """log p(token t+1 | tokens <= t) for every position: (B, T-1); and the mean entropy per position."""
-    logits = model(input_ids).logits[:, :-1].float()
+def token_logprobs(model, input_ids: torch.Tensor, with_entropy: bool = False, temperature: float = 1.0):
+    """log p(token t+1 | tokens <= t) for every position: (B, T-1); and the entropy per position. temperature: that
+    of the sampler, so the log-probs are those of the policy the tokens were drawn from (softmax(logits / T))."""
+    logits = model(input_ids).logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
     logprobs = torch.log_softmax(logits, dim=-1)
     chosen = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1) if with_entropy else None
@@ -112,23 +117,38 @@ class GRPO:
 
     @torch.no_grad()
     def rollout(self) -> list[dict]:
-        """Sample, score, normalise; the micro-batches of all `iterations` passes."""
+        """Sample, score, normalise; the micro-batches of all `iterations` passes. With `resample` rounds, groups
+        whose rewards are all equal (no advantage, nothing to learn) are replaced by the groups of further prompts
+        (DAPO's dynamic sampling: the report's learnable queries, chosen online under the current policy)."""
         self.log_previous()
         c, model, device = self.c, self.model, self.model.lm_head.weight.device
-        records = [self.prompts[(self.position + i) % len(self.prompts)] for i in range(c.prompts_per_step)]
-        self.position += c.prompts_per_step
-        prompts = [r["messages"] for r in records for _ in range(c.group_size)]
         was_training, t0 = model.training, time.perf_counter()
         model.eval()
-        results = generate_batch(model, self.tokenizer, prompts, max_new_tokens=c.max_new_tokens,
-                                 temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                                 seed=c.seed * 1_000_003 + self.step * len(prompts))
+        spread = lambda group: len(set(group[2])) > 1  # noqa: E731  rewards not all equal: a non-zero advantage
+        groups, sampled, correct = [], [], []  # groups: (record, answers, rewards); sampled, correct: every answer
+        for _ in range(c.resample + 1):
+            records = [self.prompts[(self.position + i) % len(self.prompts)] for i in range(c.prompts_per_step)]
+            prompts = [r["messages"] for r in records for _ in range(c.group_size)]
+            results = generate_batch(model, self.tokenizer, prompts, max_new_tokens=c.max_new_tokens,
+                                     temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                                     seed=c.seed * 1_000_003 + self.position * c.group_size)
+            self.position += c.prompts_per_step
+            self.compute.generate(model.config, [r.prompt_tokens for r in results],
+                                  [r.completion_tokens for r in results])
+            for i, record in enumerate(records):
+                answers = results[i * c.group_size:(i + 1) * c.group_size]
+                scored = [rewards.score(record, r.text, self.judge, self.reward_model, self.tokenizer,
+                                        c.format_weight) for r in answers]
+                groups.append((record, answers, [s[0] for s in scored]))
+                sampled, correct = sampled + answers, correct + [s[1] for s in scored]
+            if sum(map(spread, groups)) >= c.prompts_per_step:
+                break
+        groups = sorted(groups, key=lambda g: not spread(g))[:c.prompts_per_step]  # those with a spread first
         generate_s = time.perf_counter() - t0
-        self.compute.generate(model.config, [r.prompt_tokens for r in results], [r.completion_tokens for r in results])
-        scored = [rewards.score(records[i // c.group_size], r.text, self.judge, self.reward_model, self.tokenizer,
-                                c.format_weight) for i, r in enumerate(results)]
-        reward = torch.tensor([s[0] for s in scored], dtype=torch.float32).view(c.prompts_per_step, c.group_size)
+        reward = torch.tensor([g[2] for g in groups], dtype=torch.float32)
         advantages = group_advantages(reward, c.eps).flatten()
+        prompts = [record["messages"] for record, answers, _ in groups for _ in answers]
+        results = [r for _, answers, _ in groups for r in answers]
         rows = []
         for prompt, result in zip(prompts, results):
             ids = encode_prompt(self.tokenizer, prompt) + result.token_ids
@@ -137,27 +157,30 @@ class GRPO:
         for start in range(0, len(rows), self.micro_batch):
             batch = pad_batch(rows[start:start + self.micro_batch], self.tokenizer.pad_token_id)
             batch["advantages"] = advantages[start:start + self.micro_batch]
-            batch["old_logp"] = token_logprobs(model, batch["input_ids"].to(device))[0].cpu()
-            self.compute.score(model.config, [batch["input_ids"].shape])
+            if c.iterations > 1:  # one pass: the policy is the sampler, the ratio is 1 (old log-probs = logp.detach())
+                batch["old_logp"] = token_logprobs(model, batch["input_ids"].to(device), False, c.temperature)[0].cpu()
+                self.compute.score(model.config, [batch["input_ids"].shape])
             if self.reference is not None and c.kl_coef > 0:
-                batch["ref_logp"] = token_logprobs(self.reference, batch["input_ids"].to(device))[0].cpu()
+                batch["ref_logp"] = token_logprobs(self.reference, batch["input_ids"].to(device), False,
+                                                   c.temperature)[0].cpu()
                 self.compute.score(self.reference.config, [batch["input_ids"].shape])
             batches.append(batch)
         model.train(was_training)
         self.step += 1
-        self.pending = dict(rl_step=self.step, reward=reward.mean().item(),
-                            accuracy=sum(s[1] for s in scored) / len(scored),
-                            response_length=sum(r.completion_tokens for r in results) / len(results),
-                            truncated=sum(r.finish_reason == "length" for r in results) / len(results),
-                            generate_s=generate_s, gen_tok_per_s=sum(r.completion_tokens for r in results) / generate_s,
+        self.pending = dict(rl_step=self.step, reward=reward.mean().item(), accuracy=sum(correct) / len(correct),
+                            response_length=sum(r.completion_tokens for r in sampled) / len(sampled),
+                            truncated=sum(r.finish_reason == "length" for r in sampled) / len(sampled),
+                            learnable=sum(map(spread, groups)) / len(groups),
+                            generate_s=generate_s, gen_tok_per_s=sum(r.completion_tokens for r in sampled) / generate_s,
                             train_start=t0 + generate_s)  # scoring, old log-probs and optimizer steps
         return batches * c.iterations
 
     def loss(self, model, batch: dict, expert_counter=None):
         """The Trainer's loss_fn: GRPO loss of one micro-batch and its response-token count."""
         mask = (batch["labels"][:, 1:] != -100).float()
-        logp, entropy = token_logprobs(model, batch["input_ids"], with_entropy=True)
-        loss, stats = grpo_loss(logp, batch["old_logp"], batch["advantages"], mask, self.c.clip_low,
+        logp, entropy = token_logprobs(model, batch["input_ids"], True, self.c.temperature)
+        old_logp = batch["old_logp"] if "old_logp" in batch else logp.detach()
+        loss, stats = grpo_loss(logp, old_logp, batch["advantages"], mask, self.c.clip_low,
                                 self.c.clip_high, batch.get("ref_logp"), self.c.kl_coef)
         stats["entropy"] = ((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)).item()
         self.loss_stats.append(stats)
@@ -176,8 +199,9 @@ class GRPO:
         with open(os.path.join(self.out_dir, "rl_metrics.jsonl"), "a") as f:
             f.write(json.dumps(r) + "\n")
         print(f"rl step {r['rl_step']:4d} | reward {r['reward']:.3f} | accuracy {r['accuracy']:.3f} | length "
-              f"{r['response_length']:.0f} | entropy {r['entropy']:.3f} | clip frac {r['clip_fraction']:.3f} | "
-              f"gen {r['generate_s']:.1f}s ({r['gen_tok_per_s']:,.0f} tok/s) train {r['train_s']:.1f}s", flush=True)
+              f"{r['response_length']:.0f} | learnable {r['learnable']:.2f} | entropy {r['entropy']:.3f} | clip frac "
+              f"{r['clip_fraction']:.3f} | gen {r['generate_s']:.1f}s ({r['gen_tok_per_s']:,.0f} tok/s) train "
+              f"{r['train_s']:.1f}s", flush=True)
         self.pending, self.loss_stats = None, []
 
 

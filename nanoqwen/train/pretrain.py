@@ -148,8 +148,11 @@ def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: in
             data.write_shards(documents(stage, split, seed, tokenizer, seq_len, corpora, **task_filter), tokenizer,
                               os.path.join(stage_dir, "data", split), max_tokens=budget)
     _barrier()
-    loader = data.PackedLoader(os.path.join(stage_dir, "data", "train"), batch_size, seq_len, seed, rank, world_size)
-    held_out = data.PackedLoader(os.path.join(stage_dir, "data", "test"), batch_size, seq_len, seed, rank, world_size)
+    whole = s.mix == "long"  # long documents are seen whole, never cut across rows
+    loader = data.PackedLoader(os.path.join(stage_dir, "data", "train"), batch_size, seq_len, seed, rank, world_size,
+                               whole_documents=whole)
+    held_out = data.PackedLoader(os.path.join(stage_dir, "data", "test"), batch_size, seq_len, seed, rank, world_size,
+                                 whole_documents=whole)
     eval_batches = [held_out.next_batch() for _ in range(4)]
 
     peak_lr = lr or ((3e-3 if model.config.hidden_size <= 512 else 1e-3) if small else 3e-4) * s.lr_scale
