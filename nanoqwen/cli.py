@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -161,6 +162,8 @@ def cmd_chat(args):
     """Interactive multi-turn chat that streams, thinking dimmed apart from the answer."""
     from .engine import load
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    # Ctrl-C stops an answer: take it even when started from a shell that ignores SIGINT (a script's `cmd &`)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     system = [{"role": "system", "content": args.system}] if args.system else []
     state = dict(messages=system, kept=len(system), enable_thinking=False if args.no_think else None,
                  thinking_budget=args.thinking_budget)
