@@ -224,3 +224,8 @@ def latest_checkpoint(out_dir: str) -> str | None:
     with open(pointer) as f:
         path = os.path.join(out_dir, f.read().strip())
     return path if os.path.isdir(path) else None
+
+
+def resolve(path: str) -> str:
+    """A checkpoint folder, or a run folder whose `latest` names one."""
+    return latest_checkpoint(path) or path

@@ -253,9 +253,10 @@ def _train_options(args) -> dict:
 def cmd_sft(args):
     """Post-training SFT: --stage coldstart (long-CoT traces) or fusion (/think + /no_think mix)."""
     import os
+    from .checkpoint import resolve
     from .train import posttrain
     from .train.sft import read_jsonl, run_sft
-    model = posttrain.resolve(args.model)
+    model = resolve(args.model)
     if args.data:
         records = read_jsonl(args.data, on_bad_line=args.on_bad_line)
     elif args.stage == "coldstart":
@@ -274,20 +275,21 @@ def cmd_rl(args):
     import os
     import torch
     from .engine import load
+    from .checkpoint import resolve
     from .train import posttrain
     from .train.grpo import GRPOConfig, run_grpo
     from .train.reward_model import RewardModel
     from .train.sft import read_jsonl
-    model, tokenizer = load(posttrain.resolve(args.model), dtype=torch.float32, device="cpu")
-    judge = load(posttrain.resolve(args.judge), device="cpu")[0] if args.judge else None
-    reward_model = RewardModel(posttrain.resolve(args.rm)) if args.rm else None
+    model, tokenizer = load(resolve(args.model), dtype=torch.float32, device="cpu")
+    judge = load(resolve(args.judge), device="cpu")[0] if args.judge else None
+    reward_model = RewardModel(resolve(args.rm)) if args.rm else None
     if args.prompts:
         prompts = read_jsonl(args.prompts, lambda r: None if isinstance(r, dict) and isinstance(r.get("messages"), list)
                              else "a prompt needs a 'messages' list", args.on_bad_line)
     elif args.stage == "reasoning":
         prompts = posttrain.rl_prompts(args.samples, args.seed + 1, **_task_filter(args))
         if args.learnable:
-            kept = posttrain.learnable(posttrain.resolve(args.model), prompts, args.learnable,
+            kept = posttrain.learnable(resolve(args.model), prompts, args.learnable,
                                        args.max_new_tokens, args.seed, temperature=args.temperature)
             if len(kept) < args.prompts_per_step:
                 print(f"rl: only {len(kept)} learnable queries, fewer than --prompts-per-step "
@@ -299,7 +301,7 @@ def cmd_rl(args):
                                             **_task_filter(args))
     if not args.prompts:
         print(f"prompts: {posttrain.write_jsonl(prompts, os.path.join(args.out, f'{args.stage}_prompts.jsonl'))}")
-    reference = load(posttrain.resolve(args.model), device="cpu")[0] if args.kl_coef > 0 else None
+    reference = load(resolve(args.model), device="cpu")[0] if args.kl_coef > 0 else None
     config = GRPOConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                         iterations=args.iterations, micro_batch=args.micro_batch, clip_low=args.clip_low,
                         clip_high=args.clip_high, kl_coef=args.kl_coef, resample=args.resample,
@@ -312,9 +314,10 @@ def cmd_rl(args):
 def cmd_rm(args):
     """Train a reward model (scalar head, Bradley-Terry) on preference pairs; built from rollouts without --pairs."""
     import os
+    from .checkpoint import resolve
     from .train import posttrain
     from .train.reward_model import pairwise_accuracy, run_rm
-    model = posttrain.resolve(args.model)
+    model = resolve(args.model)
     pairs = args.pairs
     if not pairs:
         pairs = posttrain.write_jsonl(posttrain.preference_pairs(model, args.samples, args.seed, **_task_filter(args)),

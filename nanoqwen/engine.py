@@ -705,11 +705,11 @@ def load(path: str, dtype=None, device=None):
     without tokenizer files gets the official Qwen3 tokenizer if the model has its vocabulary. A training run's
     folder (a `latest` file naming its newest checkpoint) loads that checkpoint."""
     from safetensors import SafetensorError
-    from .checkpoint import latest_checkpoint, load_model
+    from .checkpoint import load_model, resolve
     from .config import Qwen3Config
     from .tokenizer import load_tokenizer
     if not os.path.exists(os.path.join(path, "config.json")):
-        path = latest_checkpoint(path) or path
+        path = resolve(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None and str(device).startswith("cuda") and os.path.isdir(path):
         dtype = "bfloat16" if Qwen3Config.from_json(path).torch_dtype in (None, "float32") else None

@@ -11,6 +11,8 @@ import os
 import platform
 import time
 
+from .checkpoint import latest_checkpoint
+
 POST_STAGES = ("coldstart", "rl", "fusion", "general")
 STUDENT_STAGES = ("distill-off", "distill-on", "student-rl")
 LABELS = {"coldstart": "1 cold start", "rl": "2 reasoning RL", "fusion": "3 mode fusion", "general": "4 general RL",
@@ -26,11 +28,6 @@ def _metrics(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def _latest(folder: str) -> str | None:
-    from .checkpoint import latest_checkpoint
-    return latest_checkpoint(folder)
 
 
 def _stage_dir(out: str, name: str) -> str:
@@ -55,11 +52,11 @@ def base_checks(out: str, s: dict) -> dict:
     n = max(32, 2 * s["eval"][0])
     for model in ("teacher", "student"):
         for stage in (1, 2):
-            key, ckpt = f"{model}-s{stage}", _latest(os.path.join(out, model, f"stage{stage}"))
+            key, ckpt = f"{model}-s{stage}", latest_checkpoint(os.path.join(out, model, f"stage{stage}"))
             if key not in cached and ckpt:
                 cached[key] = evaluate.completion_accuracy(ckpt, n=n, max_new_tokens=s["max_new_tokens"],
                                                            device="cpu", **task_filter)
-    s2, s3 = _latest(os.path.join(out, "teacher", "stage2")), _latest(os.path.join(out, "teacher", "stage3"))
+    s2, s3 = latest_checkpoint(os.path.join(out, "teacher", "stage2")), latest_checkpoint(os.path.join(out, "teacher", "stage3"))
     if s2 and s3 and "long" not in cached:
         short, long = stage_seq_len(1, s["teacher"]), stage_seq_len(3, s["teacher"])
         data_dir = os.path.join(out, "teacher", "stage3", "data", "test")
@@ -195,7 +192,7 @@ def _pretrain_compute(out: str, name: str, s: dict, rows: list[dict]) -> dict | 
     from .config import Qwen3Config
     from .train.pretrain import stage_seq_len
     from .train.trainer import flops_per_token
-    checkpoint = _latest(_stage_dir(out, name))
+    checkpoint = latest_checkpoint(_stage_dir(out, name))
     if not checkpoint:
         return None
     config = Qwen3Config.from_json(os.path.join(checkpoint, "config.json"))
@@ -225,7 +222,7 @@ def write_report(out: str, scale: str, s: dict, timings: dict) -> str:
     plot_budget(evals, os.path.join(out, plots["budget"]))
     import torch
     total = sum(timings.values())
-    teacher, student = _latest(os.path.join(out, "general")), _latest(os.path.join(out, "distill-on"))
+    teacher, student = latest_checkpoint(os.path.join(out, "general")), latest_checkpoint(os.path.join(out, "distill-on"))
     L = [f"# nanoqwen speedrun report card ({scale})", "",
          f"Run folder `{out}`, written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: "
          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -306,9 +303,9 @@ def write_report(out: str, scale: str, s: dict, timings: dict) -> str:
         dv, mv = [r["val_loss"] for r in dense if "val_loss" in r], [r["val_loss"] for r in moe if "val_loss" in r]
         L += ["", "## Dense vs MoE at equal active parameters (S1, same data and steps)", "",
               f"![dense vs MoE]({plots['moe']})", "", "| model | parameters | held-out loss after S1 |", "|---|---|---:|",
-              f"| dense {s['teacher']} | {_params(_latest(os.path.join(out, 'teacher', 'stage1')))} | {_f(dv[-1])} |",
+              f"| dense {s['teacher']} | {_params(latest_checkpoint(os.path.join(out, 'teacher', 'stage1')))} | {_f(dv[-1])} |",
               f"| MoE {s['teacher'].replace('nano-d', 'nano-moe-d')} | "
-              f"{_params(_latest(os.path.join(out, 'moe', 'stage1')))} | {_f(mv[-1])} |"]
+              f"{_params(latest_checkpoint(os.path.join(out, 'moe', 'stage1')))} | {_f(mv[-1])} |"]
     else:
         L += ["", "## Dense vs MoE", "", "Not in this run (the `tiny` and `gpu` scales include it)."]
 

@@ -20,7 +20,7 @@ from nanoqwen.train.distill import (DistillConfig, OnPolicy, check_same_tokenize
 from nanoqwen.train.grpo import GRPOConfig, run_grpo
 from nanoqwen.train.sft import encode_conversation
 from nanoqwen.train.trainer import Compute
-from nanoqwen.train.trainer import latest_checkpoint
+from nanoqwen.checkpoint import latest_checkpoint
 from test_engine import chain, scripted_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

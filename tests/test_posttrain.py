@@ -14,7 +14,7 @@ from nanoqwen.train.grpo import GRPO, GRPOConfig, group_advantages, grpo_loss, t
 from nanoqwen.train.reward_model import bt_loss
 from nanoqwen.train.sandbox import run_code
 from nanoqwen.train.sft import encode_conversation, pad_batch, read_jsonl
-from nanoqwen.train.trainer import latest_checkpoint
+from nanoqwen.checkpoint import latest_checkpoint
 
 FILTER = ["--tasks", "arithmetic,lists", "--difficulty", "1", "--languages", "en", "--no-progress"]
 

@@ -7,7 +7,7 @@ import sys
 
 from nanoqwen.checkpoint import load_model
 from nanoqwen.speedrun import SCALES, recipe
-from nanoqwen.train.trainer import latest_checkpoint
+from nanoqwen.checkpoint import latest_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ["## Stages", "## Pre-training", "Held-out completion accuracy", "Long context", "## Post-training",

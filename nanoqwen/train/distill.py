@@ -32,13 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import latest_checkpoint, load_model, resolve, save_model
 from ..config import get_preset, padded_vocab_size
 from ..engine import encode_prompt, generate_batch, load
 from . import rewards
-from .posttrain import resolve, write_jsonl
+from .posttrain import write_jsonl
 from .sft import pad_batch, run_sft
-from .trainer import Compute, MeteredTrainer, TrainConfig, latest_checkpoint
+from .trainer import Compute, MeteredTrainer, TrainConfig
 
 DIVERGENCES = ("reverse", "forward", "jsd")
 PROBE = "Hello, world! 你好，世界 Réponse : 1,234 + 5 = 1239\n\n\tdef f(x): return x ** 2"

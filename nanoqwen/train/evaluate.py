@@ -17,7 +17,8 @@ import random
 from ..engine import generate_batch, load
 from ..tasks import ANSWER_PREFIX, answer_line, sample_examples
 from . import rewards
-from .posttrain import resolve, task_record
+from ..checkpoint import resolve
+from .posttrain import task_record
 
 BUDGETS = (0, 16, 32, 64, 128, None)  # None: unlimited
 

@@ -76,6 +76,11 @@ def grpo_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, re
     return loss, dict(clip_fraction=clip_fraction.item())
 
 
+def _has_spread(group: tuple) -> bool:
+    """A (record, answers, rewards) group whose rewards are not all equal: its advantages are not all zero."""
+    return len(set(group[2])) > 1
+
+
 def token_logprobs(model, input_ids: torch.Tensor, with_entropy: bool = False, temperature: float = 1.0):
     """log p(token t+1 | tokens <= t) for every position: (B, T-1); and the entropy per position. temperature: that
     of the sampler, so the log-probs are those of the policy the tokens were drawn from (softmax(logits / T))."""
@@ -124,7 +129,6 @@ class GRPO:
         c, model, device = self.c, self.model, self.model.lm_head.weight.device
         was_training, t0 = model.training, time.perf_counter()
         model.eval()
-        spread = lambda group: len(set(group[2])) > 1  # noqa: E731  rewards not all equal: a non-zero advantage
         groups, sampled, correct = [], [], []  # groups: (record, answers, rewards); sampled, correct: every answer
         for _ in range(c.resample + 1):
             records = [self.prompts[(self.position + i) % len(self.prompts)] for i in range(c.prompts_per_step)]
@@ -140,10 +144,11 @@ class GRPO:
                 scored = [rewards.score(record, r.text, self.judge, self.reward_model, self.tokenizer,
                                         c.format_weight) for r in answers]
                 groups.append((record, answers, [s[0] for s in scored]))
-                sampled, correct = sampled + answers, correct + [s[1] for s in scored]
-            if sum(map(spread, groups)) >= c.prompts_per_step:
+                sampled += answers
+                correct += [s[1] for s in scored]
+            if sum(map(_has_spread, groups)) >= c.prompts_per_step:
                 break
-        groups = sorted(groups, key=lambda g: not spread(g))[:c.prompts_per_step]  # those with a spread first
+        groups = sorted(groups, key=lambda g: not _has_spread(g))[:c.prompts_per_step]  # those with a spread first
         generate_s = time.perf_counter() - t0
         reward = torch.tensor([g[2] for g in groups], dtype=torch.float32)
         advantages = group_advantages(reward, c.eps).flatten()
@@ -170,7 +175,7 @@ class GRPO:
         self.pending = dict(rl_step=self.step, reward=reward.mean().item(), accuracy=sum(correct) / len(correct),
                             response_length=sum(r.completion_tokens for r in sampled) / len(sampled),
                             truncated=sum(r.finish_reason == "length" for r in sampled) / len(sampled),
-                            learnable=sum(map(spread, groups)) / len(groups),
+                            learnable=sum(map(_has_spread, groups)) / len(groups),
                             generate_s=generate_s, gen_tok_per_s=sum(r.completion_tokens for r in sampled) / generate_s,
                             train_start=t0 + generate_s)  # scoring, old log-probs and optimizer steps
         return batches * c.iterations
@@ -208,7 +213,8 @@ class GRPO:
 def run_grpo(model, tokenizer, prompts: list[dict], out: str, steps: int, config: GRPOConfig, lr: float = 1e-5,
              reference=None, judge=None, reward_model=None, device=None, **train_options) -> str:
     """`steps` RL steps (each `iterations` optimizer steps) from `model`; returns the final checkpoint folder."""
-    from .trainer import TrainConfig, latest_checkpoint
+    from ..checkpoint import latest_checkpoint
+    from .trainer import TrainConfig
     compute = Compute(out)
     grpo = GRPO(model, tokenizer, prompts, config, out, reference, judge, reward_model, compute)
     train = TrainConfig(out_dir=out, steps=steps * config.iterations, batch_size=grpo.micro_batch,

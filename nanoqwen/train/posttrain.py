@@ -17,15 +17,9 @@ import os
 import random
 from collections import Counter
 
-from ..checkpoint import latest_checkpoint
 from ..engine import generate_batch, load
 from ..tasks import TASKS, answer_line, sample_examples, to_messages
 from . import rewards
-
-
-def resolve(path: str) -> str:
-    """A checkpoint folder, or a run folder whose `latest` names one."""
-    return latest_checkpoint(path) or path
 
 
 def task_record(example, flag: str | None = None) -> dict:

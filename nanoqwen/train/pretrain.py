@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from .. import data
-from ..checkpoint import load_model
+from ..checkpoint import latest_checkpoint, load_model
 from ..config import get_preset, padded_vocab_size
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .parallelize import init_distributed, is_distributed
-from .trainer import TrainConfig, Trainer, latest_checkpoint
+from .trainer import TrainConfig, Trainer
 
 
 @dataclass

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import latest_checkpoint
 from ..engine import encode_prompt, load
 from .sft import read_jsonl
-from .trainer import TrainConfig, Trainer, latest_checkpoint
+from .trainer import TrainConfig, Trainer
 
 REWARD_TOKEN = "<|box_start|>"  # a vision token: never produced or read in text chats
 

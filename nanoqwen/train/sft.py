@@ -14,9 +14,10 @@ import random
 
 import torch
 
+from ..checkpoint import latest_checkpoint
 from ..data import iter_jsonl
 from ..engine import load
-from .trainer import Compute, MeteredTrainer, TrainConfig, latest_checkpoint
+from .trainer import Compute, MeteredTrainer, TrainConfig
 
 ROLES = {"system", "user", "assistant", "tool"}
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import atomic_write, latest_checkpoint, load_model, save_model  # noqa: F401 (re-exported)
+from ..checkpoint import atomic_write, load_model, save_model
 from ..model import ExpertCounter, Qwen3ForCausalLM
 from .parallelize import is_distributed, parallelize
 
