@@ -9,7 +9,7 @@
 Every stage is one `nanoqwen ...` command (printed before it runs) in a subprocess; its output folder is its record, so
 running the speedrun again skips the stages that finished and redoes the one that was interrupted. `--launcher
 "torchrun --nproc-per-node 8"` runs the pre-training stages on N ranks. Scales: `tiny` (the test: a few minutes),
-`cpu` (the default: <= 30 minutes on 2 CPU cores), `gpu` (one GPU, a bigger model and budget).
+`cpu` (the default: about 40 minutes on 2 CPU cores), `gpu` (one GPU, a bigger model and budget).
 """
 from __future__ import annotations
 
