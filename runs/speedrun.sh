@@ -2,7 +2,7 @@
 # The main job on a fresh machine: set up .venv, then run the whole Qwen3 recipe on the embedded default data (no
 # downloads): tokenizer, pre-training S1 -> S2 -> S3, the four post-training stages for a teacher, off-policy and
 # on-policy distillation into a smaller student (and RL beside it), evaluation, and the report card.
-#   SCALE=cpu (default, about 40 min on 2 CPU cores) | tiny (minutes) | gpu (one GPU)     OUT=runs/out/speedrun
+#   SCALE=cpu (default, about 35 min on 2 CPU cores) | tiny (minutes) | gpu (one GPU)     OUT=runs/out/speedrun
 # Running it again skips the stages that finished (an interrupted run continues where it stopped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
