@@ -6,7 +6,9 @@
 Every variant runs the same step: forward with the fused next-token loss, backward, gradient clipping, fused AdamW
 (same weight-decay groups and hyper-parameters) under bf16 autocast. nanoqwen goes through `Trainer.train_step`
 (loss normalisation, clipping, logging values included). Rows are plain causal sequences for both models; the
-"packed" line adds document_ids (4 documents per row), which takes SDPA off its flash kernel.
+"packed" lines add document_ids (4 documents per row): on CUDA through FlexAttention with a block mask (the default),
+and, for comparison, through SDPA with a dense boolean mask (NANOQWEN_FLEX_ATTENTION=0), which takes SDPA off its
+flash kernel.
 MFU = tokens/s * (6 * matmul params + 6 * layers * heads * head_dim * seq) / 989e12 (H100 SXM dense bf16).
 """
 import argparse
@@ -19,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nanoqwen  # noqa: E402
+from nanoqwen import model as modeling  # noqa: E402
 from nanoqwen.config import get_preset  # noqa: E402
 from nanoqwen.train.trainer import PEAK_FLOPS, TrainConfig, Trainer, flops_per_token  # noqa: E402
 from bench_model import random_checkpoint, timed  # noqa: E402  (shared with the model benchmark)
@@ -33,12 +36,16 @@ def batches(config, batch, seq, device, packed):
     return itertools.repeat({k: v.to(device) for k, v in out.items()})
 
 
-def nanoqwen_rate(path, config, batch, seq, dtype, device, steps, warmup, compile=False, packed=False):
+def nanoqwen_rate(path, config, batch, seq, dtype, device, steps, warmup, compile=False, packed=False, flex=True):
     model = nanoqwen.load_model(path, dtype=dtype)
-    with tempfile.TemporaryDirectory() as out:
-        train = TrainConfig(out_dir=out, steps=10**9, batch_size=batch, lr=1e-5, progress=False, compile=compile)
-        trainer = Trainer(model, train, batches(config, batch, seq, device, packed), device=device)
-        return batch * seq / timed(trainer.train_step, steps, warmup, device)
+    saved, modeling.FLEX_ATTENTION = modeling.FLEX_ATTENTION, "auto" if flex else "0"
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            train = TrainConfig(out_dir=out, steps=10**9, batch_size=batch, lr=1e-5, progress=False, compile=compile)
+            trainer = Trainer(model, train, batches(config, batch, seq, device, packed), device=device)
+            return batch * seq / timed(trainer.train_step, steps, warmup, device)
+    finally:
+        modeling.FLEX_ATTENTION = saved
 
 
 def transformers_rate(path, config, batch, seq, dtype, device, steps, warmup):
@@ -69,7 +76,9 @@ def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile, on
     variants = [("nanoqwen Trainer", lambda: nanoqwen_rate(*args))]
     if compile:
         variants += [("nanoqwen Trainer + compile", lambda: nanoqwen_rate(*args, compile=True)),
-                     ("nanoqwen + compile, packed", lambda: nanoqwen_rate(*args, compile=True, packed=True))]
+                     ("nanoqwen + compile, packed", lambda: nanoqwen_rate(*args, compile=True, packed=True)),
+                     ("nanoqwen + compile, packed, SDPA mask",
+                      lambda: nanoqwen_rate(*args, compile=True, packed=True, flex=False))]
     else:
         variants += [("nanoqwen packed", lambda: nanoqwen_rate(*args, packed=True))]
     variants.append(("transformers", lambda: transformers_rate(*args)))

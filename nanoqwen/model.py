@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import flex_attention as flex
 
 from . import kernels
 from .config import Qwen3Config
@@ -138,7 +140,9 @@ class Attention(nn.Module):
             k, v = cache.update(cache_slots, k, v)
             if kv_len is not None:  # attend only to the filled prefix (the CPU path; CUDA graphs use the full buffer)
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        if T == 1 and cache is not None and mask is not None and (q.device.type == "cpu" or q.dtype == torch.float32):
+        if isinstance(mask, flex.BlockMask):  # packed documents (see _attention_mask)
+            y = flex_attention(q, k, v, mask, self.num_kv_heads != self.num_heads)
+        elif T == 1 and cache is not None and mask is not None and (q.device.type == "cpu" or q.dtype == torch.float32):
             # one query per row: written out on the CPU, and for fp32 on the GPU, where SDPA has no GQA kernel and
             # its math fallback copies the keys and values once per query head; bf16 on the GPU uses SDPA's kernels
             y = decode_attention(q, k, v, mask)
@@ -146,6 +150,23 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
         return y.transpose(1, 2).reshape(B, T, -1)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, block_mask: flex.BlockMask, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention over q (B, H, T, D), k and v (B, KV, T, D) with a block mask. It must run compiled (eager, it
+    materialises the whole score matrix): inside a compiled region as it is, else through its own torch.compile."""
+    global _compiled_flex
+    if torch.is_autocast_enabled(q.device.type):  # autocast covers SDPA but not flex_attention
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if torch.compiler.is_compiling():
+        return flex.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex.flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -442,10 +463,28 @@ def _document_positions(document_ids: torch.Tensor) -> torch.Tensor:
     return idx - start_idx
 
 
+# Packed documents go to FlexAttention on CUDA: its block mask skips the blocks of other documents, where SDPA with
+# a dense boolean mask runs off its flash kernel. NANOQWEN_FLEX_ATTENTION=0 keeps SDPA there; =1 uses FlexAttention
+# on the CPU too (forward only there: it has no CPU backward). The CPU path stays SDPA with a boolean mask.
+FLEX_ATTENTION = os.environ.get("NANOQWEN_FLEX_ATTENTION", "auto")
+
+
+def document_block_mask(document_ids: torch.Tensor) -> flex.BlockMask:
+    """FlexAttention block mask for packed rows: causal, and never across documents (document_ids (B, T))."""
+    def same_document_causal(b, h, q, kv):
+        return (q >= kv) & (document_ids[b, q] == document_ids[b, kv])
+    B, T = document_ids.shape
+    return flex.create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
+
+
 def _attention_mask(cache_position, attention_mask, document_ids, cache):
-    """Boolean (B, 1, T, S) mask, or None for the plain causal case (then SDPA uses its fused causal kernels)."""
+    """Boolean (B, 1, T, S) mask, a FlexAttention block mask (packed documents on CUDA), or None for the plain
+    causal case (then SDPA uses its fused causal kernels)."""
     if attention_mask is None and document_ids is None and cache is None:
         return None
+    if document_ids is not None and attention_mask is None and cache is None and \
+            (FLEX_ATTENTION == "1" or (FLEX_ATTENTION == "auto" and document_ids.is_cuda)):
+        return document_block_mask(document_ids)
     if document_ids is not None:
         same_doc = document_ids[:, :, None] == document_ids[:, None, :]
         causal = torch.ones(same_doc.shape[-2:], dtype=torch.bool, device=same_doc.device).tril()

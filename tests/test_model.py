@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import transformers
+from torch.nn.attention import flex_attention as flex
 
 import nanoqwen
 from nanoqwen.config import PRESETS, Qwen3Config, get_preset
@@ -136,6 +137,39 @@ def test_packed_documents_do_not_attend_across_boundaries():
         out = model(packed, document_ids=docs).logits
         assert max_diff(out[:, :11], model(a).logits) <= TOL
         assert max_diff(out[:, 11:], model(b).logits) <= TOL
+
+
+@pytest.mark.parametrize("compiled_layers", [False, True], ids=["eager-model", "compiled-layers"])
+def test_flex_attention_for_packed_documents_matches_transformers(tmp_path, monkeypatch, compiled_layers):
+    """The CUDA path for packed rows (FlexAttention with a block mask), forced on the CPU (forward only there): each
+    document's logits equal transformers' logits for that document alone. Documents do not align with the 128-token
+    blocks; the second row ends with stage 3's padding (document id -1). With compiled layers (the Trainer's
+    --compile), flex_attention runs inside the compiled region; else through its own torch.compile."""
+    from nanoqwen import model as model_module
+    from nanoqwen.train.parallelize import apply_compile
+    cfg = tiny_config(False, head_dim=32)
+    ref = hf_model(cfg, False)
+    ref.save_pretrained(tmp_path)
+    ours = nanoqwen.load_model(str(tmp_path)).eval()
+    if compiled_layers:
+        apply_compile(ours)
+    rows = [[70, 100, 30], [150, 50]]  # document lengths; the 50 of the second row are padding
+    docs = torch.tensor([sum(([i] * n for i, n in enumerate(row)), []) for row in rows])
+    docs[1, 150:] = -1
+    x = torch.randint(0, cfg["vocab_size"], docs.shape)
+    monkeypatch.setattr(model_module, "FLEX_ATTENTION", "1")
+    assert isinstance(model_module._attention_mask(torch.arange(200), None, docs, None), flex.BlockMask)
+    calls, flex_attention = [], model_module.flex_attention
+    if not compiled_layers:  # (inside compiled layers the call is traced, not run)
+        monkeypatch.setattr(model_module, "flex_attention", lambda *a: calls.append(1) or flex_attention(*a))
+    with torch.no_grad():
+        out = ours(x, document_ids=docs).logits
+        for r, row in enumerate(rows):
+            start = 0
+            for i, n in enumerate(row if r == 0 else row[:1]):
+                assert max_diff(out[r, start:start + n], ref(x[r:r + 1, start:start + n]).logits[0]) <= TOL, (r, i)
+                start += n
+    assert len(calls) == (0 if compiled_layers else cfg["num_hidden_layers"])
 
 
 def test_cached_decoding_equals_full_forward():
