@@ -144,7 +144,8 @@ def test_flex_attention_for_packed_documents_matches_transformers(tmp_path, monk
     """The CUDA path for packed rows (FlexAttention with a block mask), forced on the CPU (forward only there): each
     document's logits equal transformers' logits for that document alone. Documents do not align with the 128-token
     blocks; the second row ends with stage 3's padding (document id -1). With compiled layers (the Trainer's
-    --compile), flex_attention runs inside the compiled region; else through its own torch.compile."""
+    --compile), flex_attention runs inside the compiled region; else through its own torch.compile, and under bf16
+    autocast it gets q, k and v in bf16 (autocast does not cover it) and agrees with SDPA."""
     from nanoqwen import model as model_module
     from nanoqwen.train.parallelize import apply_compile
     cfg = tiny_config(False, head_dim=32)
@@ -170,6 +171,16 @@ def test_flex_attention_for_packed_documents_matches_transformers(tmp_path, monk
                 assert max_diff(out[r, start:start + n], ref(x[r:r + 1, start:start + n]).logits[0]) <= TOL, (r, i)
                 start += n
     assert len(calls) == (0 if compiled_layers else cfg["num_hidden_layers"])
+    if not compiled_layers:  # under bf16 autocast (training on the GPU) q, k and v all reach the kernel in bf16
+        dtypes, compiled = [], model_module._compiled_flex
+        monkeypatch.setattr(model_module, "_compiled_flex",
+                            lambda q, k, v, **kw: dtypes.append({q.dtype, k.dtype, v.dtype}) or compiled(q, k, v, **kw))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            flexed = ours(x, document_ids=docs).logits
+            monkeypatch.setattr(model_module, "FLEX_ATTENTION", "0")
+            sdpa = ours(x, document_ids=docs).logits
+        assert dtypes == [{torch.bfloat16}] * cfg["num_hidden_layers"]
+        assert max_diff(flexed[0], sdpa[0]) <= 0.05
 
 
 def test_cached_decoding_equals_full_forward():
