@@ -96,11 +96,11 @@ def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile, on
     tmp.cleanup()
     print(f"\n## {name}: batch {batch} x seq {seq}, {str(dtype).replace('torch.', '')}, {device}, "
           f"{config.num_parameters() / 1e6:.1f}M params, {fpt / 1e9:.2f} GFLOP/token")
-    print(f"{'implementation':28s} {'tokens/s':>12s} {'vs transformers':>16s} {'MFU':>7s} {'TFLOP/s':>8s}")
+    print(f"{'implementation':38s} {'tokens/s':>12s} {'vs transformers':>16s} {'MFU':>7s} {'TFLOP/s':>8s}")
     for label, rate in results.items():
         mfu = f"{rate * fpt / peak * 100:6.1f}%" if peak else "   n/a"
         ratio = f"{rate / results['transformers']:15.2f}x" if "transformers" in results else f"{'':16s}"
-        print(f"{label:28s} {rate:12,.0f} {ratio} {mfu} {rate * fpt / 1e12:8.2f}")
+        print(f"{label:38s} {rate:12,.0f} {ratio} {mfu} {rate * fpt / 1e12:8.2f}")
 
 
 def main():
