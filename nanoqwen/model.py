@@ -482,10 +482,10 @@ def _attention_mask(cache_position, attention_mask, document_ids, cache):
     causal case (then SDPA uses its fused causal kernels)."""
     if attention_mask is None and document_ids is None and cache is None:
         return None
-    if document_ids is not None and attention_mask is None and cache is None and \
-            (FLEX_ATTENTION == "1" or (FLEX_ATTENTION == "auto" and document_ids.is_cuda)):
-        return document_block_mask(document_ids)
     if document_ids is not None:
+        if attention_mask is None and cache is None and \
+                (FLEX_ATTENTION == "1" or (FLEX_ATTENTION == "auto" and document_ids.is_cuda)):
+            return document_block_mask(document_ids)
         same_doc = document_ids[:, :, None] == document_ids[:, None, :]
         causal = torch.ones(same_doc.shape[-2:], dtype=torch.bool, device=same_doc.device).tril()
         mask = same_doc & causal
