@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from nanoqwen.checkpoint import load_model  # noqa: E402
 
-VOCAB, DIGITS, MARK1, MARK2 = 64, 10, 10, 11  # tokens 0-9 are the digits, 10 and 11 the markers; filler is drawn from 10-63
+VOCAB, DIGITS, MARK1, MARK2 = 64, 10, 10, 11  # tokens 0-9: digits; 10, 11: markers; filler drawn from 10-63
 
 
 def unit(rng: random.Random) -> list[int]:
