@@ -1,26 +1,29 @@
 """When does a nano preset learn to copy? nanoqwen vs transformers' Qwen3 from the same init, on the same data.
 
     python bench/bench_induction.py                      # nano-d4, 1,800 steps each (about 23 minutes on 2 CPU cores)
-    python bench/bench_induction.py --steps 200 --impl ours
+    python bench/bench_induction.py --steps 200 --impl nanoqwen
 
 Passkey retrieval needs an induction (copying) circuit. This trains both implementations on a synthetic copy task
 and prints, every --every steps, the loss and the copy accuracy of each: a row is units of a marker, 8 random digits,
 a gap of 0-40 random filler tokens, a second marker and the same 8 digits; copy accuracy is the greedy accuracy on
-digits 2-8 of the second copy of 32 held-out units (chance 0.10). Same seed, same weights (ours copied into
-transformers' model), same batches, AdamW(lr, betas 0.9/0.95, no weight decay), fp32. Writes the curves to
+digits 2-8 of the second copy of 32 held-out units (chance 0.10). Same weights (one seeded init saved in the HF
+layout and loaded by both), same batches, AdamW(lr, betas 0.9/0.95, no weight decay), fp32. Writes the curves to
 --plot (a PNG) when matplotlib is installed.
 """
 import argparse
 import os
 import random
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from nanoqwen.checkpoint import load_model  # noqa: E402
+import nanoqwen  # noqa: E402
+from nanoqwen.config import get_preset  # noqa: E402
+from bench_model import transformers_model  # noqa: E402  (shared with the model benchmark)
 
 VOCAB, DIGITS, MARK1, MARK2 = 64, 10, 10, 11  # tokens 0-9: digits; 10, 11: markers; filler drawn from 10-63
 
@@ -52,21 +55,6 @@ def copy_accuracy(model) -> float:
     return sum(hits) / len(hits)
 
 
-def transformers_copy(ours):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-    c = ours.config
-    model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, tie_word_embeddings=True,
-        rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps))
-    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
-    if unexpected or any("lm_head" not in k for k in missing):
-        raise RuntimeError(f"weights do not map onto transformers' model: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    return model.float()
-
-
 def train(name, model, args) -> list[tuple[int, float, float]]:
     model.train()
     rng = random.Random(0)  # the same batches for every implementation
@@ -95,17 +83,16 @@ def main():
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--every", type=int, default=100)
-    p.add_argument("--impl", choices=["both", "ours", "transformers"], default="both")
+    p.add_argument("--impl", choices=["both", "nanoqwen", "transformers"], default="both")
     p.add_argument("--plot", default="induction.png")
     args = p.parse_args()
+    config = get_preset(args.preset, vocab_size=VOCAB)
     torch.manual_seed(0)
-    ours = load_model(args.preset, dtype=torch.float32, vocab_size=VOCAB)
-    models = {}
-    if args.impl in ("both", "transformers"):
-        models["transformers"] = transformers_copy(ours)  # copied before ours trains
-    if args.impl in ("both", "ours"):
-        models = {"nanoqwen": ours, **models}
-    curves = {name: train(name, model, args) for name, model in models.items()}
+    tmp = tempfile.TemporaryDirectory()  # one seeded init in the HF layout, loaded by both
+    nanoqwen.save_model(nanoqwen.load_model(args.preset, vocab_size=VOCAB), tmp.name)
+    builders = {"nanoqwen": lambda: nanoqwen.load_model(tmp.name, dtype=torch.float32),
+                "transformers": lambda: transformers_model(tmp.name, config, torch.float32, "cpu")}
+    curves = {name: train(name, build(), args) for name, build in builders.items() if args.impl in ("both", name)}
 
     print(f"\n{args.preset}, {args.batch} x {args.seq} tokens a step, lr {args.lr:g}: copy accuracy (chance 0.10)")
     print("step   " + "".join(f"{name:>14s}" for name in curves))
