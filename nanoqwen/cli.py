@@ -276,7 +276,7 @@ def cmd_rl(args):
     import torch
     from .engine import load
     from .checkpoint import resolve
-    from .train import posttrain
+    from .train import posttrain, rewards
     from .train.grpo import GRPOConfig, run_grpo
     from .train.reward_model import RewardModel
     from .train.sft import read_jsonl
@@ -284,8 +284,12 @@ def cmd_rl(args):
     judge = load(resolve(args.judge), device="cpu")[0] if args.judge else None
     reward_model = RewardModel(resolve(args.rm)) if args.rm else None
     if args.prompts:
-        prompts = read_jsonl(args.prompts, lambda r: None if isinstance(r, dict) and isinstance(r.get("messages"), list)
-                             else "a prompt needs a 'messages' list", args.on_bad_line)
+        prompts = read_jsonl(args.prompts, rewards.check_record, args.on_bad_line)
+        for kind, given, flag in (("judge", judge, "--judge CHECKPOINT"), ("rm", reward_model, "--rm CHECKPOINT")):
+            if given is None and any(r.get("reward") == kind for r in prompts):
+                raise ValueError(f'{args.prompts}: prompts with "reward": "{kind}" need {flag}')
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no usable prompts")
     elif args.stage == "reasoning":
         prompts = posttrain.rl_prompts(args.samples, args.seed + 1, **_task_filter(args))
         if args.learnable:
@@ -333,9 +337,10 @@ def cmd_distill(args):
     import os
     from .train import posttrain
     from .train.distill import DistillConfig, run_off_policy, run_on_policy
+    from .train.rewards import check_messages
     from .train.sft import read_jsonl
     if args.prompts:
-        prompts = read_jsonl(args.prompts, _check_prompt, args.on_bad_line)
+        prompts = read_jsonl(args.prompts, check_messages, args.on_bad_line)
     else:
         prompts = posttrain.rl_prompts(args.samples, args.seed + 1, **_task_filter(args))
         print(f"prompts: {posttrain.write_jsonl(prompts, os.path.join(args.out, 'distill_prompts.jsonl'))}")
@@ -353,14 +358,6 @@ def cmd_distill(args):
         path = run_on_policy(args.teacher, args.student, prompts, args.out, steps=args.steps,
                              batch_size=args.batch_size, lr=args.lr or 1e-4, config=config, **_train_options(args))
     print(f"distill {args.mode}-policy done: {path}  (compute: {os.path.join(args.out, 'compute.json')})")
-
-
-def _check_prompt(record) -> str | None:
-    """A distillation prompt: a 'messages' list with a user turn."""
-    if isinstance(record, dict) and isinstance(record.get("messages"), list) and \
-            any(isinstance(m, dict) and m.get("role") == "user" for m in record["messages"]):
-        return None
-    return "a prompt needs a 'messages' list with a user turn"
 
 
 def cmd_eval(args):

@@ -2,6 +2,7 @@
 JSONL reporting, and each command end to end on a tiny model (every stage writes a loadable checkpoint)."""
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -187,6 +188,65 @@ def test_sandbox_limits():
     assert "nanoqwen-sandbox-" in cwd and where.stdout.splitlines()[1] in ("[]", "['LC_CTYPE']")
     import os
     assert not os.path.exists(cwd)  # the working directory is gone afterwards
+
+
+CODE = dict(messages=[{"role": "user", "content": "Read two integers and print their sum. /think"}], reward="code",
+            tests=[["2 3\n", "5"], ["10 -4\n", "6"]], timeout=2)
+PROGRAM = "a, b = map(int, input().split())\nprint(a + b)\n"
+
+
+def test_code_reward_runs_the_answer_on_the_tests_in_the_sandbox():
+    assert rewards.extract_code("x\n```python\nprint(1)\n```\ny\n```py\nprint(2)\n```") == "print(2)\n"  # the last
+    good = f"<think>\nread, add, print\n</think>\n\nHere it is:\n```python\n{PROGRAM}```<|im_end|>"
+    assert rewards.score(CODE, good) == (1.2, 1.0)  # all tests pass + the format bonus
+    assert rewards.score(CODE, good.replace("a + b", "a + b if a < 5 else 0")) == (pytest.approx(0.7), 0.0)
+    assert rewards.code_reward(f"<think>\nx\n</think>\n\n{PROGRAM}", CODE) == 1.0  # no fence: the whole answer
+    assert rewards.code_reward(f"<think>\n```python\n{PROGRAM}```\n</think>\n\nno code", CODE) == 0.0  # not thoughts
+    started = time.time()
+    assert rewards.code_reward("```python\nwhile True: pass\n```", CODE) == 0.0
+    assert time.time() - started < 2 * 2 + 3  # each test is stopped at the record's timeout
+    # unsandboxed this would print 5 and pass the first test; the sandbox refuses the socket first
+    assert rewards.code_reward("import socket\nsocket.socket()\nprint(5)", CODE) == 0.0
+
+
+def test_rl_prompt_records_are_checked_as_they_are_read(tmp_path, capsys):
+    user = [{"role": "user", "content": "q"}]
+    records = [CODE, dict(messages=user, verifier="arithmetic", answer="5"), dict(messages=user, reward="magic"),
+               dict(messages=user, verifier="alchemy", answer="1"), dict(messages=user),
+               dict(messages=user, reward="code", tests=[["1"]]), dict(messages=user, reward="rule",
+                                                                      constraints=[{"kind": "rhymes"}]),
+               dict(messages=user, reward="judge"), dict(messages=[{"role": "system", "content": "s"}], answer="1"),
+               dict(CODE, timeout=-1)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert read_jsonl(str(path), rewards.check_record) == records[:2]
+    err = capsys.readouterr().err
+    for line, reason in [(3, "unknown reward kind 'magic'"), (4, "unknown verifier 'alchemy'"),
+                         (5, "a 'verifier' reward needs 'verifier' and 'answer'"), (6, "a 'code' reward needs 'tests'"),
+                         (7, "'constraints' must be a list"), (8, "a 'judge' reward needs a reference 'answer'"),
+                         (9, "a prompt needs a 'messages' list with a user turn"), (10, "'timeout' must be positive")]:
+        assert f"{path}:{line}: skipped: {reason}" in err
+
+
+def test_rl_on_code_prompts_end_to_end(tiny, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "code.jsonl"
+    path.write_text(json.dumps(CODE) + "\n" + json.dumps(dict(CODE, tests=[["7 1\n", "8"]])) + "\n")
+    runs = []  # the stdin of every sandboxed run
+
+    def spy(code, stdin, **limits):
+        runs.append(stdin)
+        return run_code(code, stdin, **limits)
+    monkeypatch.setattr(rewards, "run_code", spy)
+    rl = ["rl", "--stage", "general", "--model", tiny, "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+          "--micro-batch", "2", "--max-new-tokens", "8", "--no-progress"]
+    cli.main([*rl, "--prompts", str(path), "--out", str(tmp_path / "rl")])
+    assert sorted(runs) == ["10 -4\n"] * 2 + ["2 3\n"] * 2 + ["7 1\n"] * 2  # every answer, on each of its tests
+    assert load(latest_checkpoint(str(tmp_path / "rl")), device="cpu")
+    path.write_text(json.dumps(dict(messages=CODE["messages"], reward="judge", answer="5")) + "\n")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main([*rl, "--prompts", str(path), "--out", str(tmp_path / "judged")])
+    assert stopped.value.code == 2
+    assert 'prompts with "reward": "judge" need --judge CHECKPOINT' in capsys.readouterr().err
 
 
 # --- data builders and the commands, end to end ---------------------------------------------------------------

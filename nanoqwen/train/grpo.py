@@ -17,7 +17,8 @@ optimizer step's forward + backward are counted in metrics.jsonl and OUT/compute
 distillation compare per FLOP. Judge and reward-model forwards (stage 4) are not counted.
 
 Prompts: JSONL, one a line: {"messages": [...], "verifier": "arithmetic", "answer": "55", "meta": {...},
-"reward": "verifier" | "rule" | "judge" | "rm", "constraints": [...]} (see rewards.py).
+"reward": "verifier" | "rule" | "judge" | "rm" | "code", "constraints": [...], "tests": [[stdin, stdout], ...]}
+(see rewards.py; rewards.check_record vets each line as it is read).
 """
 from __future__ import annotations
 

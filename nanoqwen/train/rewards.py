@@ -1,12 +1,14 @@
 """The three reward kinds of the Qwen3 report, as plain functions of the generated text.
 
     rule-based        verifier_reward (task answer), format_reward (a well-formed <think> block), think_follow_reward
-                      (obeys the latest /think or /no_think), constraint_reward (checkable instructions)
+                      (obeys the latest /think or /no_think), constraint_reward (checkable instructions),
+                      code_reward (the answer's program run on the record's tests in the sandbox)
     model-based       judge_reward: a judge checkpoint reads question, reference and response; the reward is
                       P("yes") / (P("yes") + P("no")) at its first answer token
     reward model      reward_model.RewardModel.score (no reference), trained by `nanoqwen rm`
 
-`score(record, text, ...)` dispatches on a prompt record (see grpo.py for the JSONL format).
+`score(record, text, ...)` dispatches on a prompt record (see grpo.py for the JSONL format); `check_record` says why
+a record cannot be scored, before any rollout.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import re
 import torch
 
 from ..tasks import TASKS, Example
+from .sandbox import run_code
 
 THINK_RE = re.compile(r"^\s*<think>\n?(.*?)\n?</think>\s*(.*)$", re.DOTALL)
 FLAG_RE = re.compile(r"/(no_think|think)\b")
@@ -96,6 +99,25 @@ def constraint_reward(text: str, constraints: list[dict]) -> float:
     return sum(CHECKS[c["kind"]](answer, c.get("value")) for c in constraints) / len(constraints)
 
 
+CODE_BLOCK_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_code(answer: str) -> str:
+    """The program in an answer: the last fenced code block (```python ... ```), else the whole answer."""
+    blocks = CODE_BLOCK_RE.findall(answer)
+    return blocks[-1] if blocks else answer
+
+
+def code_reward(text: str, record: dict) -> float:
+    """Fraction of the record's tests ([stdin, expected stdout] pairs) that the program in the answer (after the think
+    block) passes, each run in the sandbox (`record["timeout"]` seconds each, default 5; no network, 256 MB)."""
+    _, answer = split_think(text)
+    code, timeout = extract_code(answer), float(record.get("timeout", 5.0))
+    passed = sum(run_code(code, stdin, timeout=timeout).stdout.strip() == expected.strip()
+                 for stdin, expected in record["tests"])
+    return passed / len(record["tests"])
+
+
 JUDGE_PROMPT = ("Question: {question}\nReference answer: {reference}\nResponse: {response}\n"
                 "Does the response reach the same final answer as the reference? Answer yes or no. /no_think")
 
@@ -113,23 +135,68 @@ def judge_reward(judge, tokenizer, question: str, reference: str, response: str)
     return torch.softmax(logits[[yes, no]], dim=0)[0].item()
 
 
+KINDS = ("verifier", "rule", "judge", "rm", "code")
+
+
 def score(record: dict, text: str, judge=None, reward_model=None, tokenizer=None, format_weight: float = 0.2):
     """(reward, correct) of one response to a prompt record; the record's "reward" names the kind."""
     kind = record.get("reward", "verifier")
     want = latest_flag(record["messages"])
     thinking = want is not False
     correct = verifier_reward(text, record) if "verifier" in record else 0.0
-    if kind == "verifier":
-        reward = correct + format_weight * (format_reward(text) if thinking else think_follow_reward(text, False))
+    if kind == "code":  # the share of the tests passed; correct when all pass
+        passed = code_reward(text, record)
+        correct = float(passed == 1.0)
+    if kind in ("verifier", "code"):
+        form = format_reward(text) if thinking else think_follow_reward(text, False)
+        reward = (passed if kind == "code" else correct) + format_weight * form
     elif kind == "rule":  # instruction following: constraints and the think flag
-        reward = 0.5 * constraint_reward(text, record.get("constraints", [])) + 0.5 * think_follow_reward(text, thinking)
+        reward = 0.5 * constraint_reward(text, record.get("constraints", [])) + \
+            0.5 * think_follow_reward(text, thinking)
     elif kind == "judge":
         question = record["messages"][-1]["content"]
         reward = judge_reward(judge, tokenizer, question, str(record["answer"]), text)
     elif kind == "rm":
         reward = reward_model.score(tokenizer, record["messages"], text)
     else:
-        raise ValueError(f"unknown reward kind {kind!r} (verifier, rule, judge, rm)")
+        raise ValueError(f"unknown reward kind {kind!r} ({', '.join(KINDS)})")
     if want is not None and kind in ("judge", "rm"):  # obeying /think and /no_think is rewarded in every kind
         reward = 0.8 * reward + 0.2 * think_follow_reward(text, thinking)
     return reward, correct
+
+
+def check_messages(record) -> str | None:
+    """Why a record is not a prompt (a 'messages' list with a user turn), or None."""
+    if isinstance(record, dict) and isinstance(record.get("messages"), list) and \
+            any(isinstance(m, dict) and m.get("role") == "user" for m in record["messages"]):
+        return None
+    return "a prompt needs a 'messages' list with a user turn"
+
+
+def check_record(record) -> str | None:
+    """Why an RL prompt record cannot be scored (None when it can): the checks `score` would otherwise fail on
+    mid-run, made when the prompts are read."""
+    if problem := check_messages(record):
+        return problem
+    kind = record.get("reward", "verifier")
+    if kind not in KINDS:
+        return f"unknown reward kind {kind!r} (one of {', '.join(KINDS)})"
+    if "verifier" in record and record["verifier"] not in TASKS:
+        return f"unknown verifier {record['verifier']!r} (one of {', '.join(sorted(TASKS))})"
+    if kind == "verifier" and not ("verifier" in record and "answer" in record):
+        return "a 'verifier' reward needs 'verifier' and 'answer'"
+    if kind == "judge" and "answer" not in record:
+        return "a 'judge' reward needs a reference 'answer'"
+    if kind == "rule":
+        constraints = record.get("constraints", [])
+        if not isinstance(constraints, list) or \
+                not all(isinstance(c, dict) and c.get("kind") in CHECKS for c in constraints):
+            return f"'constraints' must be a list of {{\"kind\": ..., \"value\": ...}}, kinds: {', '.join(CHECKS)}"
+    if kind == "code":
+        tests = record.get("tests")
+        if not (isinstance(tests, list) and tests and all(isinstance(t, list) and len(t) == 2 and
+                                                          all(isinstance(x, str) for x in t) for t in tests)):
+            return "a 'code' reward needs 'tests': a non-empty list of [stdin, expected stdout] string pairs"
+        if not isinstance(record.get("timeout", 5.0), (int, float)) or record.get("timeout", 5.0) <= 0:
+            return "'timeout' must be positive (seconds per test)"
+    return None

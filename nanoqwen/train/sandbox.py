@@ -1,6 +1,7 @@
 """Run model-written code for a reward, contained: a fresh `python -I` in a subprocess, an empty environment, a
 temporary working directory, CPU-time / memory / file-size limits (resource.setrlimit), and an audit hook that refuses
-sockets, subprocesses, exec and fork before the code starts. None of the embedded tasks needs it; code tasks would.
+sockets, subprocesses, exec and fork before the code starts. The `code` reward kind (rewards.code_reward) runs
+model-written programs through it; none of the embedded tasks needs it.
 
     result = run_code("print(sum(range(10)))", timeout=2.0, memory_mb=256)
     result.ok, result.stdout, result.stderr, result.timed_out
@@ -69,11 +70,3 @@ def run_code(code: str, stdin: str = "", timeout: float = 5.0, memory_mb: int = 
     out, err = out[:max_output].decode(errors="replace"), err[:max_output].decode(errors="replace")
     code_ = None if timed_out else process.returncode
     return SandboxResult(ok=code_ == 0, stdout=out, stderr=err, returncode=code_, timed_out=timed_out)
-
-
-def code_output_reward(code: str, tests: list[tuple[str, str]], **limits) -> float:
-    """Fraction of (stdin, expected stdout) tests the program passes: a rule-based reward for code tasks."""
-    if not tests:
-        return 0.0
-    passed = sum(run_code(code, stdin, **limits).stdout.strip() == expected.strip() for stdin, expected in tests)
-    return passed / len(tests)
