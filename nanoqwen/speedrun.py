@@ -58,7 +58,7 @@ def recipe(out: str, s: dict, launcher: list[str]) -> list[Step]:
     gen = ["--max-new-tokens", str(s["max_new_tokens"])]
     steps = []
 
-    def pretrain(name, preset, budget, out_dir, vocab_from=None):
+    def pretrain(name, preset, budget, out_dir):
         for stage, n in enumerate(budget, 1):
             argv = ["pretrain", "--stage", str(stage), "--preset", preset, "--out", out_dir, "--steps", str(n),
                     "--batch-size", str(s["batch"] if stage < 3 else max(1, s["batch"] // 8)),
