@@ -20,6 +20,7 @@ possible because they depend only on the tokens already accepted.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -652,12 +653,14 @@ def generate_batch(model, tokenizer, prompts: list, max_new_tokens: int = 512, e
                    top_k: int | None = None, min_p: float | None = None, presence_penalty: float = 0.0,
                    repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
                    seed: int | list[int] | None = None, stream: bool = False, tools: list | None = None,
-                   engine: Engine | None = None, batch_size: int | None = None, logprobs: int | None = None):
+                   engine: Engine | None = None, batch_size: int | None = None, logprobs: int | None = None,
+                   progress: str | None = None):
     """Generate for many prompts at once: a list of GenerationResult, or with stream=True an iterator of Chunks
     (chunk.index says which prompt). An int seed gives prompt i the seed seed+i. batch_size: rows decoded together
     (default: all prompts); the others wait for a free row. logprobs=k: each token's logprob and its k best
     alternatives in result.logprobs / chunk.logprobs. Pass an Engine to reuse its cache (and, on CUDA, its compiled
-    decode step) across calls."""
+    decode step) across calls. progress: a label for a bar of finished answers with tok/s and ETA, drawn when
+    stderr is a terminal."""
     if not isinstance(seed, (list, tuple)):
         seed = [None if seed is None else seed + i for i in range(len(prompts))]
     requests = []
@@ -676,10 +679,23 @@ def generate_batch(model, tokenizer, prompts: list, max_new_tokens: int = 512, e
     if stream:
         return chunks
     results = [None] * len(requests)
+    bar = _progress_bar(progress, len(requests)) if progress else None
+    tokens, start = 0, time.perf_counter()
     for chunk in chunks:
+        tokens += len(chunk.token_ids)
         if chunk.result is not None:
             results[chunk.index] = chunk.result
+            if bar is not None:
+                bar.update()
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tok/s")  # and redraw
+    if bar is not None:
+        bar.close()
     return results
+
+
+def _progress_bar(label: str, total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=label, unit="answer", dynamic_ncols=True, leave=False, disable=None)  # None: TTY only
 
 
 def generate(model, tokenizer, messages_or_prompt, max_new_tokens: int = 512, enable_thinking: bool | None = None,

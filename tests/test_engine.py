@@ -1,6 +1,8 @@
 """The generation engine: cache correctness, batching, sampling, thinking budget, stops, streaming, and greedy
 generations against transformers' own `generate` on the same random checkpoints."""
+import io
 import os
+import sys
 
 import pytest
 import torch
@@ -129,6 +131,24 @@ def test_ragged_batch_equals_one_by_one(tok, moe):
     for prompt, result in zip(prompts, batch):
         assert result.token_ids == full_forward_greedy(model, prompt, 12)
         assert result.token_ids == generate(model, tok, prompt, max_new_tokens=12, **GREEDY).token_ids
+
+
+def test_batch_progress_bar_on_a_terminal_only(tok, monkeypatch):
+    model = random_model(False)
+    prompts = [[3, 4, 5], [7], [11, 12]]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    for stderr in (Terminal(), io.StringIO()):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        results = generate_batch(model, tok, prompts, max_new_tokens=5, progress="answers", **GREEDY)
+        assert [r.token_ids for r in results] == [full_forward_greedy(model, p, 5) for p in prompts]
+        drawn = stderr.getvalue()
+        if isinstance(stderr, Terminal):  # one redraw per finished answer, with the generation rate
+            assert "answers: 100%" in drawn and "3/3" in drawn and " tok/s]" in drawn
+        else:
+            assert drawn == ""  # logs and pipes stay clean
 
 
 @pytest.mark.parametrize("layout", ["cpu", "cuda_graph"])

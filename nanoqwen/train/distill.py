@@ -160,7 +160,7 @@ def teacher_conversations(teacher, tokenizer, prompts: list[dict], max_new_token
     modes = [with_mode(record["messages"], think) for record, think in asks]
     ids = [encode_prompt(tokenizer, messages, enable_thinking) for messages, enable_thinking in modes]
     results = generate_batch(teacher, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             seed=seed, batch_size=batch_size)
+                             seed=seed, batch_size=batch_size, progress="teacher answers")
     if compute is not None:
         compute.generate(teacher.config, [len(i) for i in ids], [r.completion_tokens for r in results])
     data = []

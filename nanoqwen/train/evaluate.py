@@ -34,7 +34,8 @@ def completion_accuracy(model_path: str, n: int = 64, seed: int = 0, max_new_tok
     model, tokenizer = load(resolve(model_path), device=device)
     examples = sample_examples(n, "test", seed, **task_filter)
     prompts = [f"{ex.question}\n\n{SOLUTION[ex.language]}\n" for ex in examples]
-    results = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0)
+    results = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                             progress="completions")
     per_task: dict[str, list[bool]] = {}
     for ex, res in zip(examples, results):
         text = res.text.split("<|endoftext|>")[0]
@@ -85,7 +86,9 @@ def accuracy(model, tokenizer, records, enable_thinking, samples=1, thinking_bud
     """Per-record verified hits and the mean reasoning length."""
     prompts = [r["messages"] for r in records for _ in range(samples)]
     results = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
-                             enable_thinking=enable_thinking, thinking_budget=thinking_budget)
+                             enable_thinking=enable_thinking, thinking_budget=thinking_budget,
+                             progress=("thinking" if enable_thinking else "non-thinking")
+                             + ("" if thinking_budget is None else f", budget {thinking_budget}"))
     hits = [rewards.verifier_reward(res.text, records[i // samples]) for i, res in enumerate(results)]
     thinking = sum(res.reasoning_tokens for res in results) / max(1, len(results))
     return [hits[i * samples:(i + 1) * samples] for i in range(len(records))], thinking
@@ -123,7 +126,8 @@ def evaluate(model_path: str, n: int = 64, k: int = 4, seed: int = 0, budgets=BU
         report[name] = dict(pass_at_1=sum(map(sum, hits)) / (k * n), pass_at_k=pass_at_k(hits, k),
                             mean_thinking_tokens=length, per_problem=[sum(h) / k for h in hits])
     cases = think_follow_prompts(examples, seed)
-    results = generate_batch(model, tokenizer, [m for m, _ in cases], max_new_tokens=max_new_tokens, seed=seed)
+    results = generate_batch(model, tokenizer, [m for m, _ in cases], max_new_tokens=max_new_tokens, seed=seed,
+                             progress="ThinkFollow")
     follow = [rewards.think_follow_reward(r.text, want) for r, (_, want) in zip(results, cases)]
     no_think = [f for f, (_, want) in zip(follow, cases) if not want]
     report["think_follow"] = sum(follow) / len(follow)

@@ -46,7 +46,8 @@ def is_repetitive(text: str, max_repeats: int = 3) -> bool:
 def solves(model, tokenizer, records: list[dict], enable_thinking: bool, samples: int = 1, **sampling) -> list[float]:
     """Fraction of `samples` answers per record that verify (the engine, batched)."""
     prompts = [r["messages"] for r in records for _ in range(samples)]
-    results = generate_batch(model, tokenizer, prompts, enable_thinking=enable_thinking, **sampling)
+    results = generate_batch(model, tokenizer, prompts, enable_thinking=enable_thinking, progress="queries",
+                             **sampling)
     hits = [rewards.verifier_reward(res.text, records[i // samples]) for i, res in enumerate(results)]
     return [sum(hits[i * samples:(i + 1) * samples]) / samples for i in range(len(records))]
 
@@ -99,7 +100,7 @@ def fusion_data(model_path: str, n: int, seed: int = 0, samples: int = 4, multi_
     examples = sample_examples(n, "train", seed, **task_filter)  # the stage-1 queries (same seed)
     model, tokenizer = load(model_path, device="cpu")
     prompts = [task_record(ex)["messages"] for ex in examples for _ in range(samples)]
-    results = generate_batch(model, tokenizer, prompts, max_new_tokens=256, seed=seed)
+    results = generate_batch(model, tokenizer, prompts, max_new_tokens=256, seed=seed, progress="fusion samples")
     sampled = {}  # example index -> first verified, well-formed thinking answer
     for i, res in enumerate(results):
         record = task_record(examples[i // samples])
@@ -181,7 +182,8 @@ def preference_pairs(model_path: str, n: int, seed: int = 3, samples: int = 4, *
     examples = sample_examples(n, "train", seed, **task_filter)
     records = [task_record(ex) for ex in examples]
     prompts = [r["messages"] for r in records for _ in range(samples)]
-    results = generate_batch(model, tokenizer, prompts, max_new_tokens=256, temperature=1.0, seed=seed)
+    results = generate_batch(model, tokenizer, prompts, max_new_tokens=256, temperature=1.0, seed=seed,
+                             progress="rollouts for pairs")
     pairs = []
     for i, record in enumerate(records):
         group = [res.text for res in results[i * samples:(i + 1) * samples]]
