@@ -99,6 +99,7 @@ def constraint_reward(text: str, constraints: list[dict]) -> float:
     return sum(CHECKS[c["kind"]](answer, c.get("value")) for c in constraints) / len(constraints)
 
 
+CODE_TIMEOUT = 5.0  # seconds per test, unless the record sets "timeout"
 CODE_BLOCK_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
@@ -110,9 +111,10 @@ def extract_code(answer: str) -> str:
 
 def code_reward(text: str, record: dict) -> float:
     """Fraction of the record's tests ([stdin, expected stdout] pairs) that the program in the answer (after the think
-    block) passes, each run in the sandbox (`record["timeout"]` seconds each, default 5; no network, 256 MB)."""
+    block) passes, each run in the sandbox (`record["timeout"]` seconds each, default CODE_TIMEOUT; no network,
+    256 MB)."""
     _, answer = split_think(text)
-    code, timeout = extract_code(answer), float(record.get("timeout", 5.0))
+    code, timeout = extract_code(answer), float(record.get("timeout", CODE_TIMEOUT))
     passed = sum(run_code(code, stdin, timeout=timeout).stdout.strip() == expected.strip()
                  for stdin, expected in record["tests"])
     return passed / len(record["tests"])
@@ -143,13 +145,13 @@ def score(record: dict, text: str, judge=None, reward_model=None, tokenizer=None
     kind = record.get("reward", "verifier")
     want = latest_flag(record["messages"])
     thinking = want is not False
-    correct = verifier_reward(text, record) if "verifier" in record else 0.0
     if kind == "code":  # the share of the tests passed; correct when all pass
         passed = code_reward(text, record)
         correct = float(passed == 1.0)
+    else:
+        passed = correct = verifier_reward(text, record) if "verifier" in record else 0.0
     if kind in ("verifier", "code"):
-        form = format_reward(text) if thinking else think_follow_reward(text, False)
-        reward = (passed if kind == "code" else correct) + format_weight * form
+        reward = passed + format_weight * (format_reward(text) if thinking else think_follow_reward(text, False))
     elif kind == "rule":  # instruction following: constraints and the think flag
         reward = 0.5 * constraint_reward(text, record.get("constraints", [])) + \
             0.5 * think_follow_reward(text, thinking)
@@ -197,6 +199,7 @@ def check_record(record) -> str | None:
         if not (isinstance(tests, list) and tests and all(isinstance(t, list) and len(t) == 2 and
                                                           all(isinstance(x, str) for x in t) for t in tests)):
             return "a 'code' reward needs 'tests': a non-empty list of [stdin, expected stdout] string pairs"
-        if not isinstance(record.get("timeout", 5.0), (int, float)) or record.get("timeout", 5.0) <= 0:
+        timeout = record.get("timeout", CODE_TIMEOUT)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
             return "'timeout' must be positive (seconds per test)"
     return None
