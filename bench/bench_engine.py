@@ -2,6 +2,7 @@
 
     python bench/bench_engine.py                                   # CPU: nano-d2, fp32, batch 1 and 8
     python bench/bench_engine.py --device cuda --shape Qwen3-0.6B  # GPU: bf16, batch 1 and 64, prompt 128, 256 new
+    python bench/bench_engine.py --shape nano-next-d4              # any preset: MoE, the Qwen3-Next hybrid, ...
 
 Prefill tok/s = prompt tokens / time to the first token. Decode tok/s = tokens after the first / the rest of the time.
 Decode GB/s = (weight bytes + KV-cache bytes at the mean context) * decode steps/s: the bytes a decode step must read
@@ -67,10 +68,15 @@ def hf_generate(model, prompts, new_tokens, device):
 
 
 def step_bytes(config, batch, context, dtype):
-    """Bytes one decode step must read: every weight once (active experts for MoE) and the filled KV cache."""
+    """Bytes one decode step must move: every weight once (active experts for MoE), the filled KV cache of the
+    attention layers and, for the hybrid, each DeltaNet layer's fp32 state (read and written)."""
     weights = config.num_parameters(active_only=True) * dtype.itemsize
-    kv = batch * config.num_hidden_layers * 2 * config.num_key_value_heads * context * config.head_dim * dtype.itemsize
-    return weights + kv
+    linear = sum(config.is_linear_layer(i) for i in range(config.num_hidden_layers))
+    attention = config.num_hidden_layers - linear
+    kv = batch * attention * 2 * config.num_key_value_heads * context * config.head_dim * dtype.itemsize
+    state = batch * linear * config.linear_num_value_heads * config.linear_key_head_dim * \
+        config.linear_value_head_dim * 4 * 2
+    return weights + kv + state
 
 
 def same_prefix(a, b):
@@ -165,7 +171,8 @@ def main():
         torch.manual_seed(0)
         save_model(load_model(shape, dtype=dtype), tmp)  # one set of random weights for both
         ours = load_model(tmp, dtype=dtype, device=device).eval()
-        cls = transformers.Qwen3MoeForCausalLM if ours.config.is_moe else transformers.Qwen3ForCausalLM
+        cls = transformers.Qwen3NextForCausalLM if ours.config.is_hybrid else \
+            transformers.Qwen3MoeForCausalLM if ours.config.is_moe else transformers.Qwen3ForCausalLM
         theirs = cls.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     t0 = time.perf_counter()
     for batch in batches:

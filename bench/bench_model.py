@@ -1,7 +1,8 @@
 """Forward and training-step throughput of nanoqwen vs transformers on the same weights, in the same run.
 
-    python bench/bench_model.py                          # CPU: small dense and MoE presets, fp32
-    python bench/bench_model.py --device cuda            # GPU: Qwen3-0.6B at seq 4096 and a 4-layer Qwen3-30B-A3B, bf16
+    python bench/bench_model.py                          # CPU: small dense, MoE and hybrid presets, fp32
+    python bench/bench_model.py --device cuda            # GPU: Qwen3-0.6B at seq 4096, 4-layer Qwen3-30B-A3B and
+                                                         #      Qwen3-Next shapes, bf16
 
 A training step is forward + backward + fused AdamW on the next-token loss. MFU counts 6 * params + 6 * layers *
 heads * head_dim * seq FLOPs per token (causal attention), the convention behind "transformers: 19.6% MFU".
@@ -16,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nanoqwen  # noqa: E402
+from nanoqwen.checkpoint import model_class  # noqa: E402
 from nanoqwen.config import get_preset  # noqa: E402
 from nanoqwen.train.trainer import flops_per_token  # noqa: E402
 
@@ -24,7 +26,8 @@ PEAK_FLOPS = {"cuda": 989e12, "cpu": None}  # H100 SXM dense bf16; no meaningful
 
 def transformers_model(path, config, dtype, device, experts=None):
     import transformers
-    cls = transformers.Qwen3MoeForCausalLM if config.is_moe else transformers.Qwen3ForCausalLM
+    cls = transformers.Qwen3NextForCausalLM if config.is_hybrid else \
+        transformers.Qwen3MoeForCausalLM if config.is_moe else transformers.Qwen3ForCausalLM
     extra = {"experts_implementation": experts} if experts else {}
     return cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **extra).to(device)
 
@@ -72,7 +75,7 @@ def random_checkpoint(config, dtype) -> tempfile.TemporaryDirectory:
     """A seeded random model of this config saved in dtype to a temporary folder (.name), for both peers to load."""
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
-    model = nanoqwen.Qwen3ForCausalLM(config)
+    model = model_class(config)(config)
     model.init_weights()
     nanoqwen.save_model(model.to(dtype), tmp.name)
     return tmp
@@ -130,23 +133,27 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--only", choices=["dense", "moe"], default=None)
+    ap.add_argument("--only", choices=["dense", "moe", "hybrid"], default=None)
     args = ap.parse_args()
     device = args.device
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         steps, warmup = args.steps or 10, 3
         cases = [("Qwen3-0.6B", get_preset("Qwen3-0.6B"), 4, 4096),
-                 ("Qwen3-30B-A3B, 4 layers", get_preset("Qwen3-30B-A3B", num_hidden_layers=4), 4, 4096)]
+                 ("Qwen3-30B-A3B, 4 layers", get_preset("Qwen3-30B-A3B", num_hidden_layers=4), 4, 4096),
+                 ("Qwen3-Next-80B-A3B, 4 layers, 128 experts",
+                  get_preset("Qwen3-Next-80B-A3B", num_hidden_layers=4, num_experts=128), 4, 4096)]
         dtype, compile_ours = torch.bfloat16, not args.no_compile
     else:
         torch.set_num_threads(os.cpu_count())
         steps, warmup = args.steps or 5, 2
         cases = [("nano-d8 (dense)", get_preset("nano-d8"), 4, 256),
-                 ("nano-moe-d8 (MoE)", get_preset("nano-moe-d8"), 4, 256)]
+                 ("nano-moe-d8 (MoE)", get_preset("nano-moe-d8"), 4, 256),
+                 ("nano-next-d8 (hybrid)", get_preset("nano-next-d8"), 4, 256)]
         dtype, compile_ours = torch.float32, False
     if args.only:
-        cases = [c for c in cases if ("MoE" in c[0] or "A3B" in c[0]) == (args.only == "moe")]
+        kind = lambda c: "hybrid" if c.is_hybrid else "moe" if c.is_moe else "dense"  # noqa: E731
+        cases = [case for case in cases if kind(case[1]) == args.only]
     import transformers
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else f" ({os.cpu_count()} cores)"))

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Qwen3Config": "config", "get_preset": "config", "PRESETS": "config",
-    "Qwen3ForCausalLM": "model",
+    "Qwen3ForCausalLM": "model", "Qwen3NextForCausalLM": "qwen3_next",
     "load_model": "checkpoint", "save_model": "checkpoint",
     "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
     "generate": "engine", "generate_batch": "engine", "load": "engine", "Engine": "engine",

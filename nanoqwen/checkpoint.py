@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from .config import Qwen3Config, get_preset
 from .model import Qwen3ForCausalLM
+from .qwen3_next import Qwen3NextForCausalLM
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -36,6 +37,11 @@ def expert_slot(name: str, intermediate_size: int):
         return f"{prefix}.down_proj", (e,)
     rows = slice(0, intermediate_size) if proj == "gate_proj" else slice(intermediate_size, 2 * intermediate_size)
     return f"{prefix}.gate_up_proj", (e, rows)
+
+
+def model_class(config: Qwen3Config) -> type[Qwen3ForCausalLM]:
+    """The model class for a config: Qwen3NextForCausalLM for the hybrid, else Qwen3ForCausalLM (dense and MoE)."""
+    return Qwen3NextForCausalLM if config.is_hybrid else Qwen3ForCausalLM
 
 
 def hf_state_items(model: Qwen3ForCausalLM):
@@ -91,7 +97,7 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
             raise FileNotFoundError(f"no checkpoint folder at {path_or_preset}")
         config = get_preset(path_or_preset, **config_overrides)
         with torch.device("meta"):
-            model = Qwen3ForCausalLM(config)
+            model = model_class(config)(config)
         model.to_empty(device=device)
         model.tie_weights()
         model.init_weights()
@@ -103,7 +109,7 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
     files = _weight_files(path_or_preset)
     dtype = dtype or _DTYPES.get(str(config.torch_dtype).replace("torch.", ""), torch.float32)
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
+        model = model_class(config)(config)
     model.to_empty(device=device)
     model.tie_weights()
     model.to(dtype)
@@ -120,6 +126,8 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
                 if target_name not in params:
                     if config.tie_word_embeddings and name == "lm_head.weight":
                         continue  # a tied checkpoint that also stores the head: the embedding is the weight
+                    if config.is_hybrid and name.startswith("mtp."):
+                        continue  # Qwen3-Next's multi-token-prediction head: not part of the model (as transformers)
                     raise KeyError(f"{file}: unexpected tensor {name!r} (not part of a {config.model_type} model "
                                    f"with this config.json)")
                 target = params[target_name][index] if index else params[target_name]

@@ -23,7 +23,8 @@ def cmd_presets(args):
     for name in PRESETS:
         c = get_preset(name)
         kind = f"MoE {c.num_experts}x top-{c.num_experts_per_tok}" if c.is_moe else "dense"
-        print(f"{name:18s} {kind:16s} layers {c.num_hidden_layers:3d}  hidden {c.hidden_size:5d}  "
+        kind = f"hybrid {kind}" if c.is_hybrid else kind
+        print(f"{name:18s} {kind:23s} layers {c.num_hidden_layers:3d}  hidden {c.hidden_size:5d}  "
               f"params {c.num_parameters() / 1e6:10.1f}M")
 
 

@@ -1,5 +1,8 @@
 """Model configuration with the HF `config.json` field names, plus presets for every released Qwen3 model and small ones.
 
+One dataclass covers the three model types: `qwen3` (dense), `qwen3_moe` and `qwen3_next` (the hybrid: Gated DeltaNet
+and gated attention layers, MoE with a shared expert).
+
 A released checkpoint's config.json loads with no translation table: unknown keys are ignored, missing keys take the
 defaults transformers uses for that `model_type`. Both the original names (`rope_theta`, `rope_scaling`, `num_experts`)
 and the transformers-v5 names (`rope_parameters`, `num_local_experts`, `dtype`) are read; the original names are written.
@@ -48,10 +51,31 @@ class Qwen3Config:
     mlp_only_layers: list = field(default_factory=list)
     router_aux_loss_coef: float = 0.001
     output_router_logits: bool = False
+    # Qwen3-Next (model_type "qwen3_next"): layer i is "linear_attention" (Gated DeltaNet) or "full_attention"
+    layer_types: list | None = None  # None: every full_attention_interval-th layer is full attention
+    full_attention_interval: int = 4
+    partial_rotary_factor: float = 1.0  # the share of head_dim that RoPE rotates (Next: 0.25)
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    shared_expert_intermediate_size: int = 0
 
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.is_hybrid:
+            if self.layer_types is None:
+                self.layer_types = ["full_attention" if (i + 1) % self.full_attention_interval == 0
+                                    else "linear_attention" for i in range(self.num_hidden_layers)]
+            if len(self.layer_types) != self.num_hidden_layers or \
+                    set(self.layer_types) - {"linear_attention", "full_attention"}:
+                raise ValueError(f"layer_types must list 'linear_attention' or 'full_attention' for each of the "
+                                 f"{self.num_hidden_layers} layers, got {self.layer_types}")
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                                 f"linear_num_key_heads ({self.linear_num_key_heads})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -69,6 +93,18 @@ class Qwen3Config:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def is_hybrid(self) -> bool:
+        """Qwen3-Next: Gated DeltaNet layers between gated full-attention layers."""
+        return self.model_type == "qwen3_next"
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_linear_layer(self, layer_idx: int) -> bool:
+        return self.is_hybrid and self.layer_types[layer_idx] == "linear_attention"
+
     def is_sparse_layer(self, layer_idx: int) -> bool:
         """Layer i uses MoE iff not in mlp_only_layers and (i+1) % decoder_sparse_step == 0 (as transformers)."""
         return (self.num_experts > 0 and layer_idx not in self.mlp_only_layers
@@ -79,7 +115,7 @@ class Qwen3Config:
     def from_dict(cls, d: dict) -> "Qwen3Config":
         d = dict(d)
         model_type = d.get("model_type", "qwen3")
-        base = dict(_MOE_DEFAULTS) if model_type == "qwen3_moe" else {}
+        base = dict({"qwen3_moe": _MOE_DEFAULTS, "qwen3_next": _NEXT_DEFAULTS}.get(model_type, {}))
         if "num_local_experts" in d and "num_experts" not in d:
             d["num_experts"] = d["num_local_experts"]
         if "dtype" in d and "torch_dtype" not in d:
@@ -87,6 +123,8 @@ class Qwen3Config:
         rope_parameters = d.get("rope_parameters")
         if isinstance(rope_parameters, dict):  # transformers v5 keeps theta and scaling in one dict
             d.setdefault("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+            if "partial_rotary_factor" in rope_parameters:
+                d.setdefault("partial_rotary_factor", rope_parameters["partial_rotary_factor"])
             if rope_parameters.get("rope_type", "default") != "default" and not d.get("rope_scaling"):
                 d["rope_scaling"] = {k: v for k, v in rope_parameters.items() if k != "rope_theta"}
         names = {f.name for f in dataclasses.fields(cls)}
@@ -107,12 +145,14 @@ class Qwen3Config:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if self.is_hybrid:
+            d["architectures"] = ["Qwen3NextForCausalLM"]
+            return d
         moe = self.is_moe
         d["architectures"] = ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"]
         d["model_type"] = "qwen3_moe" if moe else "qwen3"
-        if not moe:
-            for k in _MOE_ONLY_FIELDS:
-                d.pop(k, None)
+        for k in _NEXT_ONLY_FIELDS + (() if moe else _MOE_ONLY_FIELDS):
+            d.pop(k, None)
         return d
 
     def save(self, directory: str) -> None:
@@ -124,15 +164,22 @@ class Qwen3Config:
     def num_parameters(self, active_only: bool = False) -> int:
         """Parameter count from the shapes alone (embeddings included, tied lm_head counted once)."""
         H, hd = self.hidden_size, self.head_dim
-        attn = H * hd * (self.num_attention_heads * 2 + self.num_key_value_heads * 2) + 2 * hd
+        query_heads = self.num_attention_heads * (3 if self.is_hybrid else 2)  # Next: q_proj also makes the gate
+        attn = H * hd * (query_heads + self.num_key_value_heads * 2) + 2 * hd
+        key_dim = self.linear_num_key_heads * self.linear_key_head_dim
+        value_dim, nv = self.linear_num_value_heads * self.linear_value_head_dim, self.linear_num_value_heads
+        linear = H * (2 * key_dim + 2 * value_dim + 2 * nv) + (2 * key_dim + value_dim) * self.linear_conv_kernel_dim \
+            + 2 * nv + self.linear_value_head_dim + value_dim * H
         total = self.vocab_size * H * (1 if self.tie_word_embeddings else 2) + H
         for i in range(self.num_hidden_layers):
             if self.is_sparse_layer(i):
                 experts = self.num_experts_per_tok if active_only else self.num_experts
                 mlp = H * self.num_experts + experts * 3 * H * self.moe_intermediate_size
+                if self.shared_expert_intermediate_size:
+                    mlp += 3 * H * self.shared_expert_intermediate_size + H
             else:
                 mlp = 3 * H * self.intermediate_size
-            total += attn + mlp + 2 * H
+            total += (linear if self.is_linear_layer(i) else attn) + mlp + 2 * H
         return total
 
 
@@ -141,6 +188,16 @@ _MOE_DEFAULTS = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers
                      num_key_value_heads=4, head_dim=None, num_experts=128, num_experts_per_tok=8,
                      moe_intermediate_size=768, norm_topk_prob=False, decoder_sparse_step=1,
                      router_aux_loss_coef=0.001)
+
+# ... and its Qwen3NextConfig where a qwen3_next config.json leaves a key out.
+_NEXT_DEFAULTS = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=48, num_attention_heads=16,
+                      num_key_value_heads=2, head_dim=256, num_experts=512, num_experts_per_tok=10,
+                      moe_intermediate_size=512, shared_expert_intermediate_size=512, norm_topk_prob=True,
+                      decoder_sparse_step=1, router_aux_loss_coef=0.001, partial_rotary_factor=0.25)
+
+_NEXT_ONLY_FIELDS = ("layer_types", "full_attention_interval", "partial_rotary_factor", "linear_conv_kernel_dim",
+                     "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+                     "shared_expert_intermediate_size")
 
 _MOE_ONLY_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                     "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits")
@@ -167,6 +224,13 @@ _RELEASED = {
     "Qwen3-235B-A22B": dict(model_type="qwen3_moe", hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
                             num_attention_heads=64, num_key_value_heads=4, num_experts=128, num_experts_per_tok=8,
                             moe_intermediate_size=1536, norm_topk_prob=True),
+    "Qwen3-Next-80B-A3B": dict(model_type="qwen3_next", hidden_size=2048, intermediate_size=5120, num_hidden_layers=48,
+                               num_attention_heads=16, num_key_value_heads=2, head_dim=256, rope_theta=10_000_000.0,
+                               partial_rotary_factor=0.25, max_position_embeddings=262144, num_experts=512,
+                               num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                               norm_topk_prob=True, full_attention_interval=4, linear_conv_kernel_dim=4,
+                               linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+                               linear_num_value_heads=32),
 }
 
 
@@ -176,11 +240,14 @@ def padded_vocab_size(tokenizer_size: int, multiple: int = 64) -> int:
     return -(-tokenizer_size // multiple) * multiple
 
 
-def small_config(depth: int, vocab_size: int = 8192, moe: bool = False, max_position_embeddings: int = 4096) -> Qwen3Config:
+def small_config(depth: int, vocab_size: int = 8192, moe: bool = False, max_position_embeddings: int = 4096,
+                 hybrid: bool = False) -> Qwen3Config:
     """Laptop-sized Qwen3 shapes from one knob (as nanochat): width 64*depth, head_dim 64, GQA 2:1, SwiGLU 3x.
 
     The MoE variant keeps the active FFN size of the dense one: 8 experts, top-2, each 1.5x hidden, so the two can be
-    compared at equal active parameters."""
+    compared at equal active parameters. The hybrid (Qwen3-Next) variant is that MoE with a shared expert of 1.5x
+    hidden (experts then 0.75x), 3 Gated DeltaNet layers per gated attention layer (heads of 32, twice as many value
+    heads as key heads), and RoPE on a quarter of head_dim."""
     hidden = 64 * depth
     heads = max(2, hidden // 64)
     cfg = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=depth,
@@ -189,11 +256,17 @@ def small_config(depth: int, vocab_size: int = 8192, moe: bool = False, max_posi
     if moe:
         cfg.update(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=hidden * 3 // 2,
                    norm_topk_prob=True)
+    if hybrid:
+        cfg.update(model_type="qwen3_next", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=hidden * 3 // 4,
+                   shared_expert_intermediate_size=hidden * 3 // 2, norm_topk_prob=True, partial_rotary_factor=0.25,
+                   linear_num_key_heads=max(1, hidden // 64), linear_num_value_heads=max(2, hidden // 32),
+                   linear_key_head_dim=32, linear_value_head_dim=32)
     return Qwen3Config(**cfg)
 
 
 SMALL_PRESETS = {f"nano-d{d}": dict(depth=d) for d in (2, 4, 6, 8, 12)} | \
-                {f"nano-moe-d{d}": dict(depth=d, moe=True) for d in (2, 4, 8)}
+                {f"nano-moe-d{d}": dict(depth=d, moe=True) for d in (2, 4, 8)} | \
+                {f"nano-next-d{d}": dict(depth=d, hybrid=True) for d in (4, 8)}
 PRESETS = sorted(_RELEASED) + sorted(SMALL_PRESETS)
 
 

@@ -293,7 +293,8 @@ class Engine:
         self.budget_ids = tokenizer.encode(BUDGET_PHRASE, allow_special=True)
         cuda = self.device.type == "cuda"
         # static shapes (+ one CUDA graph on the GPU); the CPU attends to the filled prefix only
-        self.static = cuda if compile is None else compile
+        # (the hybrid's DeltaNet state is advanced in place by each step; its captured step is not measured yet)
+        self.static = (cuda and not model.config.is_hybrid) if compile is None else compile
         self.pipeline = cuda if pipeline is None else pipeline
         # stacked q/k/v and gate/up weights (model.fuse_projections): views of the parameters on the GPU; copies on
         # the CPU, so there only for models under 1B parameters
@@ -304,7 +305,7 @@ class Engine:
         self._graph = self._graph_logits = self._weights = None
         # a manual CUDA graph of the compiled step for dense models; MoE routing has data-dependent shapes, so its
         # step goes through torch.compile's own CUDA graphs (which split the step where it must)
-        self._use_graph = self.static and cuda and not model.config.is_moe
+        self._use_graph = self.static and cuda and not model.config.is_moe and not model.config.is_hybrid
         if not self.static:
             self._decode = _decode_step
         elif self._use_graph or not cuda:
@@ -312,7 +313,7 @@ class Engine:
         else:
             self._decode = _compiled_step("reduce-overhead", False)
             for buffer in [self.mask, self.positions, self.tokens, self.t_device, self.live] + \
-                    [b for layer in self.cache for b in (layer.k, layer.v)]:
+                    [b for layer in self.cache for b in layer.buffers()]:
                 torch._dynamo.mark_static_address(buffer)
         self._check_weights()
 
@@ -550,6 +551,9 @@ class Engine:
         positions = (real.cumsum(1) - 1).clamp(min=0)
         in_place = self.t == L and len(slots) == self.batch_size  # a whole fresh batch: write the cache directly
         cache = self.cache if in_place else self.model.make_cache(len(prompts), L)
+        if in_place:
+            for layer in cache:
+                layer.clear()  # a recurrent state (the hybrid's) must start from zero; stale keys are masked anyway
         for start in range(0, L, PREFILL_CHUNK):
             end = min(start + PREFILL_CHUNK, L)
             out = self.model(ids[:, start:end], position_ids=positions[:, start:end], attention_mask=real[:, :end],
@@ -558,8 +562,7 @@ class Engine:
         index = torch.tensor(slots, device=self.device)
         if not in_place:
             for layer, new in zip(self.cache, cache):
-                layer.k[index, :, self.t - L:self.t] = new.k
-                layer.v[index, :, self.t - L:self.t] = new.v
+                layer.place(index, new, self.t - L, self.t)
         self.mask[index] = False
         self.mask[index, self.t - L:self.t] = real
         self.positions[index] = real.sum(1)
@@ -572,8 +575,7 @@ class Engine:
     def _shift(self, offset: int) -> None:
         """Move every row's keys `offset` slots right (left when negative); positions travel with the keys."""
         for layer in self.cache:
-            layer.k.copy_(layer.k.roll(offset, 2))
-            layer.v.copy_(layer.v.roll(offset, 2))
+            layer.shift(offset)
         self.mask.copy_(self.mask.roll(offset, 1))
         stale = slice(0, offset) if offset > 0 else slice(self.max_len + offset, self.max_len)
         self.mask[:, stale] = False  # the slots that wrapped around

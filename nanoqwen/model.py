@@ -1,4 +1,4 @@
-"""The Qwen3 model family, dense and MoE, in one file.
+"""The Qwen3 model family, dense and MoE, in one file (the Qwen3-Next hybrid builds on it in qwen3_next.py).
 
 Module and attribute names mirror the HF checkpoint (`model.layers.N.self_attn.q_proj`, `mlp.gate`, ...) so weights
 load by name; the only reshaping is the MoE experts, stored stacked here (see checkpoint.py). The model knows nothing
@@ -47,7 +47,7 @@ def rope_parameters(config: Qwen3Config) -> tuple[torch.Tensor, float]:
 
     Computed in fp32 in the same order as the reference implementation: at 100K positions a one-ulp difference in
     inv_freq would already move the phase by ~5e-3 rad, so "more exact" fp64 would not run real checkpoints exactly."""
-    dim, base = config.head_dim, config.rope_theta
+    dim, base = config.rotary_dim, config.rope_theta
     pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
     scaling = config.rope_scaling or {}
     if scaling.get("rope_type", scaling.get("type", "default")) != "yarn":
@@ -82,6 +82,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:  # partial RoPE (Qwen3-Next): only the first `rotary` dims turn
+        rotated, rest = x[..., :rotary], x[..., rotary:]
+        return torch.cat((rotated * cos + rotate_half(rotated) * sin, rest), dim=-1)
     return x * cos + rotate_half(x) * sin
 
 
@@ -101,6 +105,20 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, slots, k.to(self.k.dtype))
         self.v.index_copy_(2, slots, v.to(self.v.dtype))
         return self.k, self.v
+
+    # what the engine does to every layer's cache (the hybrid's DeltaNet state has the same three methods)
+    def place(self, rows: torch.Tensor, new: "KVCache", start: int, end: int) -> None:
+        """Copy a prefill's cache (one row per entry of `rows`) into slots [start, end) of those rows."""
+        self.k[rows, :, start:end] = new.k
+        self.v[rows, :, start:end] = new.v
+
+    def shift(self, offset: int) -> None:
+        """Move every row's keys `offset` slots right (left when negative); they carry their positions."""
+        self.k.copy_(self.k.roll(offset, 2))
+        self.v.copy_(self.v.roll(offset, 2))
+
+    def clear(self) -> None:
+        pass  # stale keys are masked out, never read
 
 
 class Attention(nn.Module):
@@ -177,7 +195,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     B, H, _, D = q.shape
     KV = k.shape[1]
     scores = torch.matmul(q.reshape(B, KV, H // KV, D), k.transpose(-1, -2)).float()  # (B, KV, G, S)
-    scores = (scores * D ** -0.5).masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
+    scores = (scores * D ** -0.5).masked_fill(~mask.reshape(-1, 1, 1, mask.shape[-1]), float("-inf"))
     y = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (B, KV, G, D)
     return y.reshape(B, H, 1, D)
 
@@ -326,20 +344,25 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
+    layer_class, norm_class = DecoderLayer, RMSNorm
+
     def __init__(self, config: Qwen3Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
 
 
 class Qwen3ForCausalLM(nn.Module):
     """Qwen3 (dense) and Qwen3-MoE causal LM. `model(input_ids)` returns a CausalLMOutput with `.logits`."""
+    backbone = Qwen3Model
 
     def __init__(self, config: Qwen3Config):
         super().__init__()
+        if config.is_hybrid and self.backbone is Qwen3Model:
+            raise ValueError("a qwen3_next config builds Qwen3NextForCausalLM (nanoqwen.qwen3_next), or use load_model")
         self.config = config
-        self.model = Qwen3Model(config)
+        self.model = self.backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         inv_freq, self.attention_factor = rope_parameters(config)
@@ -429,11 +452,22 @@ class Qwen3ForCausalLM(nn.Module):
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        router_logits = []
+        router_logits, extra = [], self.layer_inputs(T, attention_mask, document_ids)
         for i, layer in enumerate(self.model.layers):
-            x, r = layer(x, cos, sin, mask, cache[i] if cache is not None else None, cache_position, kv_len)
+            layer_cache = cache[i] if cache is not None else None
+            x, r = layer(x, cos, sin, mask, layer_cache, cache_position, kv_len, **extra)
             if r is not None:
                 router_logits.append(r)
+        return self.head(x, labels, attention_mask, router_logits, logits_to_keep, output_router_logits,
+                         expert_counter)
+
+    def layer_inputs(self, T: int, attention_mask, document_ids) -> dict:
+        """Extra keyword inputs of every decoder layer (none here; the hybrid's DeltaNet layers take some)."""
+        return {}
+
+    def head(self, x, labels, attention_mask, router_logits, logits_to_keep, output_router_logits, expert_counter):
+        """The final norm and lm_head (logits) or the loss (with the MoE aux loss) from the last hidden states."""
+        T = x.shape[1]
         out = CausalLMOutput()
         want_router = self.config.output_router_logits if output_router_logits is None else output_router_logits
         if labels is not None:
@@ -443,7 +477,8 @@ class Qwen3ForCausalLM(nn.Module):
                 out.aux_loss = load_balancing_loss(router_logits, self.config.num_experts,
                                                    self.config.num_experts_per_tok, valid, expert_counter)
                 out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
-        elif _FUSED and T == 1 and kernels.available(x):  # GPU decoding: the final norm fused into lm_head
+        elif _FUSED and T == 1 and kernels.available(x) and type(self.model.norm) is RMSNorm:
+            # GPU decoding: the final norm fused into lm_head
             out.logits = kernels.gemv(x, self.lm_head.weight, norm=self.model.norm)
         else:
             x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
@@ -492,7 +527,8 @@ def _attention_mask(cache_position, attention_mask, document_ids, cache):
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, :]
         return mask[:, None]
-    S = attention_mask.shape[1] if attention_mask is not None else cache[0].k.shape[2]
+    S = attention_mask.shape[1] if attention_mask is not None else \
+        next((layer.k.shape[2] for layer in cache if isinstance(layer, KVCache)), 0)
     key = torch.arange(S, device=cache_position.device)
     mask = (key[None, :] <= cache_position[:, None])[None, None]  # (1, 1, T, S)
     if attention_mask is not None:

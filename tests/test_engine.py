@@ -12,6 +12,7 @@ from nanoqwen.checkpoint import load_model, save_model
 from nanoqwen.config import Qwen3Config
 from nanoqwen.engine import BUDGET_PHRASE, Engine, _decode_step, generate, generate_batch, load, make_request
 from nanoqwen.model import Qwen3ForCausalLM
+from nanoqwen.qwen3_next import Qwen3NextForCausalLM
 from nanoqwen.sampling import SamplingParams
 from nanoqwen.tokenizer import load_tokenizer
 
@@ -22,21 +23,26 @@ GREEDY = dict(temperature=0)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `tok` comes from there too
 
 
-def tiny_config(moe=False, vocab_size=512, **overrides):
+def tiny_config(moe=False, vocab_size=512, hybrid=False, **overrides):
     cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=256,
                tie_word_embeddings=False, initializer_range=0.1)
     if moe:
         cfg.update(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                    norm_topk_prob=True)
+    if hybrid:  # Qwen3-Next: DeltaNet, DeltaNet, attention, MoE with a shared expert everywhere
+        cfg.update(model_type="qwen3_next", num_hidden_layers=3, full_attention_interval=3, partial_rotary_factor=0.5,
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                   num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                   norm_topk_prob=True)
     cfg.update(overrides)
     return Qwen3Config(**cfg)
 
 
-def random_model(moe=False, seed=0, **overrides):
+def random_model(moe=False, seed=0, hybrid=False, **overrides):
     """A random tiny model with clear logit margins (so greedy choices never hinge on rounding)."""
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(tiny_config(moe, **overrides))
+    model = (Qwen3NextForCausalLM if hybrid else Qwen3ForCausalLM)(tiny_config(moe, hybrid=hybrid, **overrides))
     model.init_weights()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -103,11 +109,11 @@ def record_logits(engine):
 # ----------------------------------------------------------------------------------------------------------------
 # The cache
 
-@pytest.mark.parametrize("kind", ["dense", "moe", "yarn"])
+@pytest.mark.parametrize("kind", ["dense", "moe", "yarn", "hybrid"])
 def test_cached_decoding_logits_equal_full_forward(tok, kind):
     overrides = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}} \
         if kind == "yarn" else {}
-    model = random_model(moe=kind == "moe", **overrides)
+    model = random_model(moe=kind == "moe", hybrid=kind == "hybrid", **overrides)
     prompts = [[5, 9, 14, 3, 7, 100, 42], [8, 1]]  # ragged: the second row is left-padded
     engine = Engine(model, tok, batch_size=2, max_len=32)
     seen = record_logits(engine)
@@ -121,9 +127,9 @@ def test_cached_decoding_logits_equal_full_forward(tok, kind):
         assert torch.allclose(torch.stack(seen[slot]), full, atol=1e-4)
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_ragged_batch_equals_one_by_one(tok, moe):
-    model = random_model(moe)
+@pytest.mark.parametrize("kind", ["dense", "moe", "hybrid"])
+def test_ragged_batch_equals_one_by_one(tok, kind):
+    model = random_model(kind == "moe", hybrid=kind == "hybrid")
     prompts = [[3, 4, 5], [10, 20, 30, 40, 50, 60, 70, 80], [7], [11, 12]]
     batch = generate_batch(model, tok, prompts, max_new_tokens=12, **GREEDY)
     two_rows = generate_batch(model, tok, prompts, max_new_tokens=12, batch_size=2, **GREEDY)  # the rest queue
@@ -151,11 +157,13 @@ def test_batch_progress_bar_on_a_terminal_only(tok, monkeypatch):
             assert drawn == ""  # logs and pipes stay clean
 
 
+@pytest.mark.parametrize("hybrid", [False, True], ids=["qwen3", "hybrid"])
 @pytest.mark.parametrize("layout", ["cpu", "cuda_graph"])
-def test_continuous_batching_with_cache_shifts(tok, layout):
+def test_continuous_batching_with_cache_shifts(tok, layout, hybrid):
     """More requests than slots, of different lengths, in a cache so short it must shift right and compact.
-    The cuda_graph layout attends to the whole cache every step (static shapes), here run eagerly."""
-    model = random_model()
+    The cuda_graph layout attends to the whole cache every step (static shapes), here run eagerly. The hybrid's
+    DeltaNet state of a slot starts over with each new request, in a fresh batch and when joining a running one."""
+    model = random_model(hybrid=hybrid)
     prompts = [[1, 2, 3], list(range(20, 34)), [5, 6], list(range(40, 49)), [9]]
     budgets = [10, 4, 15, 7, 12]
     engine = Engine(model, tok, batch_size=2, max_len=24, compile=layout == "cuda_graph")
@@ -463,11 +471,12 @@ def test_length_limit_mid_character_flushes(tok, talker):
 # ----------------------------------------------------------------------------------------------------------------
 # Against transformers
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_greedy_generation_equals_transformers(tok, tmp_path, moe):
-    model = random_model(moe)
+@pytest.mark.parametrize("kind", ["dense", "moe", "hybrid"])
+def test_greedy_generation_equals_transformers(tok, tmp_path, kind):
+    model = random_model(kind == "moe", hybrid=kind == "hybrid")
     save_model(model, str(tmp_path))
-    cls = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
+    cls = {"dense": transformers.Qwen3ForCausalLM, "moe": transformers.Qwen3MoeForCausalLM,
+           "hybrid": transformers.Qwen3NextForCausalLM}[kind]
     hf = cls.from_pretrained(tmp_path).eval()
     prompts = [[5, 6, 7, 8, 9, 10, 11], [100, 200], [300, 301, 302, 303]]
     width = max(map(len, prompts))

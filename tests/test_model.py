@@ -8,6 +8,7 @@ import transformers
 from torch.nn.attention import flex_attention as flex
 
 import nanoqwen
+from nanoqwen.checkpoint import model_class
 from nanoqwen.config import PRESETS, Qwen3Config, get_preset
 from nanoqwen.model import decode_attention, fused_projections, load_balancing_loss
 
@@ -393,7 +394,7 @@ def test_every_preset_builds_on_meta():
     for name in PRESETS:
         cfg = get_preset(name)
         with torch.device("meta"):
-            model = nanoqwen.Qwen3ForCausalLM(cfg)
+            model = model_class(cfg)(cfg)
         assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters()
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import atomic_write, load_model, save_model
+from ..checkpoint import atomic_write, load_model, model_class, save_model
 from ..model import ExpertCounter, Qwen3ForCausalLM
 from .parallelize import is_distributed, parallelize
 
@@ -99,10 +99,12 @@ def lm_loss(model, batch: dict, expert_counter=None):
 
 
 def flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per active matmul weight, plus causal attention."""
+    """Training FLOPs per token: 6 per active matmul weight, plus causal attention (in the full-attention layers;
+    the hybrid's DeltaNet layers cost a constant per token, counted with their weights)."""
     matmul = config.num_parameters(active_only=True) - (0 if config.tie_word_embeddings else
                                                         config.vocab_size * config.hidden_size)
-    return 6 * matmul + 6 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    attention_layers = sum(not config.is_linear_layer(i) for i in range(config.num_hidden_layers))
+    return 6 * matmul + 6 * attention_layers * config.num_attention_heads * config.head_dim * seq_len
 
 
 def _all_reduce(value: torch.Tensor) -> torch.Tensor:
@@ -135,8 +137,10 @@ class Trainer:
     # --- setup ---
     def _make_optimizer(self):
         decay, no_decay = [], []
+        # norms that ask for it (Qwen3-Next's zero-centred ones: decay pulls their gain towards 1) decay too
+        decayed_norms = {f"{n}.weight" for n, m in self.raw_model.named_modules() if getattr(m, "weight_decay", False)}
         for name, p in self.raw_model.named_parameters():  # tied lm_head is the embedding: listed once
-            (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
+            (decay if (p.ndim >= 2 and "embed_tokens" not in name) or name in decayed_norms else no_decay).append(p)
         groups = [dict(params=decay, weight_decay=self.config.weight_decay), dict(params=no_decay, weight_decay=0.0)]
         c = self.config
         return torch.optim.AdamW(groups, lr=c.lr, betas=(c.beta1, c.beta2), fused=self.device.type == "cuda")
@@ -265,7 +269,7 @@ class Trainer:
             model = module
             if weights is not None:  # a plain CPU copy in the HF layout
                 with torch.device("meta"):
-                    model = Qwen3ForCausalLM(module.config)
+                    model = model_class(module.config)(module.config)
                 model.load_state_dict(weights, assign=True)
                 model.tie_weights()
             data = self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None

@@ -1,0 +1,299 @@
+"""Qwen3-Next, the hybrid of the family: Gated DeltaNet (linear attention) layers between gated full-attention layers.
+
+Three of every four layers are Gated DeltaNet: a recurrent state S (key dim x value dim per head) that decays and is
+corrected toward each new value (the delta rule), S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+read with o_t = S_t^T q_t. The fourth is Qwen3 attention with an output gate (q_proj also makes a per-head gate,
+`attn * sigmoid(gate)`) and RoPE on a quarter of head_dim. Norms are zero-centred (`x_hat * (1 + w)`, w starts at 0 and
+decays towards 0 in training). The MoE adds a shared expert scaled by `sigmoid(shared_expert_gate(x))`.
+
+Everything else is the Qwen3 model of model.py: embedding, RoPE, the KV cache, the MoE experts, losses. Names mirror
+the HF checkpoint, so it loads and saves through checkpoint.py as the others do. The multi-token-prediction head that
+released checkpoints carry (`mtp.*`) is not part of this model (transformers does not load it either).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Qwen3Config
+from .model import MLP, Attention, KVCache, Qwen3ForCausalLM, Qwen3Model, SparseMoE
+
+
+class ZeroCenteredRMSNorm(nn.Module):
+    """RMSNorm whose gain is 1 + weight (weight starts at 0), all in fp32 before casting back."""
+    weight_decay = True  # decaying the weight pulls the gain towards 1 (the trainer reads this)
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """The DeltaNet output norm: RMSNorm of each head's output (gain starting at 1), then times silu(z)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        y = self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return (y * F.silu(gate.float())).to(x.dtype)
+
+
+class GatedAttention(Attention):
+    """Qwen3 attention (QK-norm, GQA, the KV cache) with a sigmoid output gate per head and channel."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__(config)
+        hd = self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, 2 * self.num_heads * hd, bias=config.attention_bias)
+        self.q_norm = ZeroCenteredRMSNorm(hd, config.rms_norm_eps)
+        self.k_norm = ZeroCenteredRMSNorm(hd, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_slots=None, kv_len=None):
+        B, T, _ = x.shape
+        q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # per head [q | gate]
+        y = self.attend(q.reshape(B, T, -1), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache, cache_slots, kv_len)
+        return self.o_proj(y * torch.sigmoid(gate.reshape(B, T, -1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gated DeltaNet
+
+class LinearAttentionState(nn.Module):
+    """One DeltaNet layer's inference state per row: the last kernel-1 conv inputs and the recurrent state (fp32).
+    Updated in place; unlike keys and values it has no positions, so the engine's cache shifts leave it alone."""
+
+    def __init__(self, batch_size: int, config: Qwen3Config, dtype, device=None):
+        super().__init__()
+        c = config
+        conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
+        self.register_buffer("conv", torch.zeros(batch_size, conv_dim, c.linear_conv_kernel_dim - 1, dtype=dtype,
+                                                 device=device), persistent=False)
+        self.register_buffer("recurrent", torch.zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim,
+                                                      c.linear_value_head_dim, dtype=torch.float32, device=device),
+                             persistent=False)
+
+    def clear(self) -> None:
+        """Forget what every row has read: the next prompts start from zero."""
+        self.conv.zero_()
+        self.recurrent.zero_()
+
+    def place(self, rows: torch.Tensor, new: "LinearAttentionState", start: int, end: int) -> None:
+        self.conv[rows] = new.conv
+        self.recurrent[rows] = new.recurrent
+
+    def shift(self, offset: int) -> None:
+        pass
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: LinearAttentionState | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise causal convolution over time of x (B, T, C) with weight (C, 1, K). With a state, the K-1 inputs
+    before x are read from it and the last K-1 written back; with document_ids no tap reaches into another document."""
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    x = x.transpose(1, 2).to(weight.dtype)
+    past = state.conv.to(x.dtype) if state is not None else x.new_zeros(B, C, K - 1)
+    full = torch.cat((past, x), dim=-1)  # (B, C, K-1+T)
+    if state is not None:
+        state.conv.copy_(full[:, :, -(K - 1):])
+    if document_ids is None:
+        return F.conv1d(full, weight, groups=C).transpose(1, 2)
+    out = torch.zeros_like(x)
+    for lag in range(K):  # tap weight[..., K-1-lag] multiplies the input `lag` steps back
+        same = torch.ones_like(document_ids, dtype=torch.bool) if lag == 0 else \
+            F.pad(document_ids[:, lag:] == document_ids[:, :-lag], (lag, 0), value=False)
+        out += weight[:, 0, K - 1 - lag, None] * full[:, :, K - 1 - lag:K - 1 - lag + T] * same[:, None, :]
+    return out.transpose(1, 2)
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def gated_delta_rule(q, k, v, g, beta, state: LinearAttentionState | None = None, document_ids=None,
+                     chunk_size: int = 64) -> torch.Tensor:
+    """The gated delta rule over a sequence, in fp32: q, k (B, T, Hk, Dk), v (B, T, H, Dv), g (log decay <= 0) and
+    beta (B, T, H). Each key head serves H/Hk consecutive value heads. Returns o (B, T, H, Dv) in v's dtype.
+
+    A state supplies the start (else zeros) and receives the end. document_ids (B, T): the state starts over at
+    every document boundary (packed training rows). One token is the recurrence itself (decoding); longer inputs go
+    chunk by chunk: inside a chunk the C sequential updates collapse into a triangular solve (the WY/UT form of
+    DeltaNet), then one matmul carries the state across the chunk."""
+    dtype, H = v.dtype, v.shape[2]
+    q, k = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (q, k))
+    q, k, v, g, beta = (t.transpose(1, 2).float() for t in (q, k, v, g, beta))  # (B, H, T, ...)
+    q, k = _l2norm(q) * q.shape[-1] ** -0.5, _l2norm(k)
+    B, _, T, Dk = k.shape
+    S = state.recurrent.float() if state is not None else q.new_zeros(B, H, Dk, v.shape[-1])
+    if T == 1 and document_ids is None:
+        S = S * g[..., 0, None, None].exp()
+        u = beta[..., 0, None] * (v[:, :, 0] - torch.einsum("bhkv,bhk->bhv", S, k[:, :, 0]))
+        S = S + k[:, :, 0, :, None] * u[:, :, None, :]
+        o = torch.einsum("bhkv,bhk->bhv", S, q[:, :, 0])[:, :, None]
+    else:
+        o, S = _chunked(q, k, v, g, beta, S, document_ids, chunk_size)
+    if state is not None:
+        state.recurrent.copy_(S)
+    return o.transpose(1, 2).to(dtype)
+
+
+def _chunked(q, k, v, g, beta, S, document_ids, C):
+    B, H, T, _ = k.shape
+    pad = -T % C
+    if pad:  # zero keys, values and beta and no decay leave the state as it is
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+        if document_ids is not None:
+            document_ids = torch.cat((document_ids, document_ids[:, -1:].expand(-1, pad)), dim=1)
+    N = (T + pad) // C
+    q, k, v = (t.reshape(B, H, N, C, -1) for t in (q, k, v))
+    g, beta = g.reshape(B, H, N, C), beta.reshape(B, H, N, C)
+    gamma = g.cumsum(-1)  # log decay from the chunk's start to each position
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if document_ids is None:
+        same, carry = causal, torch.ones_like(gamma, dtype=torch.bool)
+    else:
+        doc = document_ids.reshape(B, 1, N, C)
+        same = causal & (doc[..., :, None] == doc[..., None, :])  # (B, 1, N, C, C)
+        before = torch.cat((doc[:, :, :1, :1], doc[:, :, :-1, -1:]), dim=2)  # the document the state belongs to
+        carry = doc == before  # positions that continue the state's document
+    decay = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~same, float("-inf")).exp()  # (B, H, N, C, C)
+    from_state = gamma.exp() * carry  # how much of the chunk's start state each position still sees
+    # u_i = beta_i (v_i - k_i^T S_{i-1}): unrolled over the chunk, (I + A) u = beta v - beta from_state k S_0, where
+    # A[i, j] = beta_i decay[i, j] k_i.k_j for j < i; solved once for both right-hand sides
+    A = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+    rhs = torch.cat((beta[..., None] * v, (beta * from_state)[..., None] * k), dim=-1)
+    solved = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    u0, w = solved.split([v.shape[-1], k.shape[-1]], dim=-1)  # u = u0 - w S_0
+    attn = (q @ k.transpose(-1, -2)) * decay  # within-chunk reads, decayed
+    q_state = q * from_state[..., None]
+    k_end = k * decay[..., -1, :, None]  # each key's weight in the chunk's end state
+    end_carry = from_state[..., -1, None, None]
+    out = torch.empty_like(v)
+    for n in range(N):
+        u = u0[:, :, n] - w[:, :, n] @ S
+        out[:, :, n] = q_state[:, :, n] @ S + attn[:, :, n] @ u
+        S = end_carry[:, :, n] * S + k_end[:, :, n].transpose(-1, -2) @ u
+    return out.reshape(B, H, N * C, -1)[:, :, :T], S
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        c = config
+        self.num_k_heads, self.num_v_heads = c.linear_num_key_heads, c.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = c.linear_key_head_dim, c.linear_value_head_dim
+        self.key_dim, self.value_dim = self.num_k_heads * self.head_k_dim, self.num_v_heads * self.head_v_dim
+        conv_dim = 2 * self.key_dim + self.value_dim
+        # projections grouped per key head: [q | k | v of its value heads | z of its value heads], [b | a]
+        self.in_proj_qkvz = nn.Linear(c.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(c.hidden_size, 2 * self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, c.linear_conv_kernel_dim, groups=conv_dim, bias=False,
+                                padding=c.linear_conv_kernel_dim - 1)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.head_v_dim, c.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, state: LinearAttentionState | None = None, valid=None, document_ids=None):
+        if valid is not None:  # padding must not reach the state
+            x = x * valid[..., None].to(x.dtype)
+        B, T, _ = x.shape
+        Hk, Dk, Dv, per_key = self.num_k_heads, self.head_k_dim, self.head_v_dim, self.num_v_heads // self.num_k_heads
+        q, k, v, z = self.in_proj_qkvz(x).view(B, T, Hk, -1).split([Dk, Dk, per_key * Dv, per_key * Dv], dim=-1)
+        b, a = self.in_proj_ba(x).view(B, T, Hk, 2 * per_key).split([per_key, per_key], dim=-1)
+        mixed = torch.cat((q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)), dim=-1)
+        mixed = F.silu(causal_conv(mixed, self.conv1d.weight, state, document_ids)).to(x.dtype)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta = b.reshape(B, T, -1).sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.reshape(B, T, -1).float() + self.dt_bias)
+        o = gated_delta_rule(q.view(B, T, Hk, Dk), k.view(B, T, Hk, Dk), v.view(B, T, -1, Dv), g, beta, state,
+                             document_ids)
+        o = self.norm(o, z.reshape(B, T, -1, Dv))
+        return self.out_proj(o.reshape(B, T, -1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder
+
+class SharedExpertMoE(SparseMoE):
+    def __init__(self, config: Qwen3Config):
+        super().__init__(config)
+        self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x):
+        y, router_logits = super().forward(x)
+        return y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x), router_logits
+
+
+class HybridDecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_linear = config.is_linear_layer(layer_idx)
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(config)
+        else:
+            self.self_attn = GatedAttention(config)
+        self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_sparse = config.is_sparse_layer(layer_idx)
+        self.mlp = SharedExpertMoE(config) if self.is_sparse else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_slots=None, kv_len=None, valid=None,
+                document_ids=None):
+        h = self.input_layernorm(x)
+        if self.is_linear:
+            x = x + self.linear_attn(h, cache, valid, document_ids)
+        else:
+            x = x + self.self_attn(h, cos, sin, mask, cache, cache_slots, kv_len)
+        y, router_logits = self.mlp(self.post_attention_layernorm(x)), None
+        if self.is_sparse:
+            y, router_logits = y
+        return x + y, router_logits
+
+
+class Qwen3NextModel(Qwen3Model):
+    layer_class, norm_class = HybridDecoderLayer, ZeroCenteredRMSNorm
+
+
+class Qwen3NextForCausalLM(Qwen3ForCausalLM):
+    """Qwen3-Next causal LM: the same interface as Qwen3ForCausalLM (forward, make_cache, losses)."""
+    backbone = Qwen3NextModel
+
+    def init_weights(self) -> None:
+        """As transformers: Normal(0, initializer_range) for matrices and the conv, zero-centred norm weights 0,
+        the DeltaNet output norm 1, dt_bias 1, A = exp(A_log) uniform in (0.01, 16)."""
+        super().init_weights()
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, ZeroCenteredRMSNorm):
+                    module.weight.zero_()
+                elif isinstance(module, GatedDeltaNet):
+                    module.dt_bias.fill_(1.0)
+                    module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0.01, 16).log())
+
+    def fuse_projections(self, share_memory: bool | None = None) -> bool:
+        return True  # no stacked projections here: nothing to refresh
+
+    def make_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> nn.ModuleList:
+        """A KVCache for each attention layer and a LinearAttentionState for each DeltaNet layer."""
+        c, p = self.config, self.lm_head.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        return nn.ModuleList(
+            LinearAttentionState(batch_size, c, dtype, device) if c.is_linear_layer(i) else
+            KVCache(batch_size, max_len, c.num_key_value_heads, c.head_dim, dtype, device)
+            for i in range(c.num_hidden_layers))
+
+    def layer_inputs(self, T: int, attention_mask, document_ids) -> dict:
+        # the DeltaNet layers zero padding (never the one new token of a decode step) and restart at documents
+        valid = attention_mask[:, -T:].bool() if attention_mask is not None and T > 1 else None
+        return dict(valid=valid, document_ids=document_ids)
