@@ -127,6 +127,11 @@ def gated_delta_rule(q, k, v, g, beta, state: LinearAttentionState | None = None
     every document boundary (packed training rows). One token is the recurrence itself (decoding); longer inputs go
     chunk by chunk: inside a chunk the C sequential updates collapse into a triangular solve (the WY/UT form of
     DeltaNet), then one matmul carries the state across the chunk."""
+    with torch.autocast(v.device.type, enabled=False):  # the state stays fp32 under bf16 autocast too
+        return _gated_delta_rule(q, k, v, g, beta, state, document_ids, chunk_size)
+
+
+def _gated_delta_rule(q, k, v, g, beta, state, document_ids, chunk_size):
     dtype, H = v.dtype, v.shape[2]
     q, k = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (q, k))
     q, k, v, g, beta = (t.transpose(1, 2).float() for t in (q, k, v, g, beta))  # (B, H, T, ...)

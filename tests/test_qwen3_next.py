@@ -127,6 +127,16 @@ def test_gated_delta_rule_equals_transformers_chunked_and_recurrent(T):
         assert max_diff(state.recurrent, end) < 1e-4, reference.__name__
 
 
+def test_gated_delta_rule_stays_fp32_under_autocast():
+    """Training on a GPU runs under bf16 autocast: the delta rule's matmuls and solve must not be rounded by it."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 100, 2, 16), torch.randn(1, 100, 2, 16), torch.randn(1, 100, 4, 8)
+    g, beta = -torch.rand(1, 100, 4), torch.rand(1, 100, 4)
+    expected = gated_delta_rule(q, k, v, g, beta)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(gated_delta_rule(q, k, v, g, beta), expected)
+
+
 def test_cached_decoding_equals_full_forward(tmp_path):
     hf_model().save_pretrained(tmp_path)
     model = load_model(str(tmp_path)).eval()
