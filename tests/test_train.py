@@ -99,8 +99,9 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(shard_dir, tmp_p
     assert not [name for name in os.listdir(out) if name.startswith(".tmp")]  # the torn write was cleaned up
 
 
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_two_process_run_matches_one_process(shard_dir, tmp_path, parallel):
+@pytest.mark.parametrize("parallel,preset", [("fsdp", "nano-d2"), ("ddp", "nano-d2"), ("fsdp", "nano-next-d4")])
+def test_two_process_run_matches_one_process(shard_dir, tmp_path, parallel, preset):
+    """The hybrid (DeltaNet, MoE with global-batch load balancing) shards and matches too."""
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import json, sys
@@ -108,8 +109,8 @@ def test_two_process_run_matches_one_process(shard_dir, tmp_path, parallel):
         from nanoqwen.train.parallelize import init_distributed
         from test_train import make_trainer
         rank, world, _ = init_distributed()
-        trainer = make_trainer({shard_dir!r}, {str(tmp_path / "out")!r}, steps=4, batch_size=4 // world, rank=rank,
-                               world_size=world, parallel={parallel!r})
+        trainer = make_trainer({shard_dir!r}, {str(tmp_path / "out")!r}, {preset!r}, steps=4, batch_size=4 // world,
+                               rank=rank, world_size=world, parallel={parallel!r})
         losses = [r["loss"] for r in trainer.train()]
         if rank == 0:
             print("LOSSES", json.dumps(losses))
@@ -118,7 +119,7 @@ def test_two_process_run_matches_one_process(shard_dir, tmp_path, parallel):
                          env=ENV, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     distributed = json.loads(run.stdout.split("LOSSES", 1)[1].splitlines()[0])
-    single = [r["loss"] for r in make_trainer(shard_dir, str(tmp_path / "single"), steps=4).train()]
+    single = [r["loss"] for r in make_trainer(shard_dir, str(tmp_path / "single"), preset, steps=4).train()]
     print(f"{parallel}: 2 ranks {distributed}\n       1 rank  {single}")
     assert np.allclose(distributed, single, rtol=0, atol=1e-5)
     load_model(latest_checkpoint(str(tmp_path / "out")))  # rank 0 gathered a full HF checkpoint
