@@ -8,6 +8,8 @@ accumulation and clipping, bf16 autocast on GPU (fp32 on CPU), FSDP2/DDP under t
 
 Weight decay: matrices (attention, MLP, experts, router) decay; norms and the token embedding (and the lm_head tied
 to it) do not: a norm gain is a scale, not a feature detector, and decaying rare tokens' embeddings erases them.
+Qwen3-Next's zero-centred norms are the exception the report makes: their weight is the gain minus 1, so decay pulls
+the gain towards 1.
 
 Checkpoint layout: OUT/step_NNNNNN/ = an HF model folder (config.json, model.safetensors, tokenizer files) plus
 trainer_state.pt (optimizer, scheduler, step, data position, RNG states of every rank). Full (unsharded) tensors are
@@ -137,7 +139,7 @@ class Trainer:
     # --- setup ---
     def _make_optimizer(self):
         decay, no_decay = [], []
-        # norms that ask for it (Qwen3-Next's zero-centred ones: decay pulls their gain towards 1) decay too
+        # norms that ask for it (Qwen3-Next's zero-centred ones) decay too
         decayed_norms = {f"{n}.weight" for n, m in self.raw_model.named_modules() if getattr(m, "weight_decay", False)}
         for name, p in self.raw_model.named_parameters():  # tied lm_head is the embedding: listed once
             (decay if (p.ndim >= 2 and "embed_tokens" not in name) or name in decayed_norms else no_decay).append(p)
