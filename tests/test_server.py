@@ -264,6 +264,21 @@ def test_32_concurrent_streams_equal_each_request_alone(small):
     assert concurrent == [_alone(url, r) for r in requests]
 
 
+def test_hybrid_model_serves_concurrent_streams_equal_to_each_request_alone(tmp_path):
+    """A Qwen3-Next checkpoint: requests joining a running batch get their DeltaNet state placed in their slot."""
+    texts = ["the quick brown fox jumps over the lazy dog\n\n" * 3, "hello world, hello there\n"] * 20
+    tokenizer = train_tokenizer(texts, 300, str(tmp_path))
+    save_model(random_model(vocab_size=tokenizer.vocab_size, hybrid=True), str(tmp_path))
+    requests = [_request(i) for i in range(12)]
+    with running(str(tmp_path), max_batch=4, max_len=256) as (url, app):
+        async def together():
+            c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+            return await asyncio.gather(*[_stream_text(c, _name(url), r) for r in requests])
+        concurrent = asyncio.run(together())
+        assert app.state.server.loop.peak_running == 4
+        assert concurrent == [_alone(url, r) for r in requests]
+
+
 def test_new_request_joins_a_running_batch(thinker):
     url, _ = thinker
     c = client(url)
