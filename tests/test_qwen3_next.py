@@ -16,7 +16,7 @@ from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.qwen3_next import LinearAttentionState, gated_delta_rule
 from nanoqwen.train.trainer import TrainConfig, Trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; `tok` comes from there too
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TOL = 1e-4
 VARIANTS = {
