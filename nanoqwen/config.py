@@ -102,6 +102,12 @@ class Qwen3Config:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
+    @property
+    def linear_conv_dim(self) -> int:
+        """Channels of the DeltaNet conv: [q | k | v] of all heads."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + \
+            self.linear_num_value_heads * self.linear_value_head_dim
+
     def is_linear_layer(self, layer_idx: int) -> bool:
         return self.is_hybrid and self.layer_types[layer_idx] == "linear_attention"
 
@@ -168,7 +174,7 @@ class Qwen3Config:
         attn = H * hd * (query_heads + self.num_key_value_heads * 2) + 2 * hd
         key_dim = self.linear_num_key_heads * self.linear_key_head_dim
         value_dim, nv = self.linear_num_value_heads * self.linear_value_head_dim, self.linear_num_value_heads
-        linear = H * (2 * key_dim + 2 * value_dim + 2 * nv) + (2 * key_dim + value_dim) * self.linear_conv_kernel_dim \
+        linear = H * (2 * key_dim + 2 * value_dim + 2 * nv) + self.linear_conv_dim * self.linear_conv_kernel_dim \
             + 2 * nv + self.linear_value_head_dim + value_dim * H
         total = self.vocab_size * H * (1 if self.tie_word_embeddings else 2) + H
         for i in range(self.num_hidden_layers):

@@ -73,9 +73,8 @@ class LinearAttentionState(nn.Module):
     def __init__(self, batch_size: int, config: Qwen3Config, dtype, device=None):
         super().__init__()
         c = config
-        conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + c.linear_num_value_heads * c.linear_value_head_dim
-        self.register_buffer("conv", torch.zeros(batch_size, conv_dim, c.linear_conv_kernel_dim - 1, dtype=dtype,
-                                                 device=device), persistent=False)
+        self.register_buffer("conv", torch.zeros(batch_size, c.linear_conv_dim, c.linear_conv_kernel_dim - 1,
+                                                 dtype=dtype, device=device), persistent=False)
         self.register_buffer("recurrent", torch.zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim,
                                                       c.linear_value_head_dim, dtype=torch.float32, device=device),
                              persistent=False)
@@ -197,7 +196,7 @@ class GatedDeltaNet(nn.Module):
         self.num_k_heads, self.num_v_heads = c.linear_num_key_heads, c.linear_num_value_heads
         self.head_k_dim, self.head_v_dim = c.linear_key_head_dim, c.linear_value_head_dim
         self.key_dim, self.value_dim = self.num_k_heads * self.head_k_dim, self.num_v_heads * self.head_v_dim
-        conv_dim = 2 * self.key_dim + self.value_dim
+        conv_dim = c.linear_conv_dim
         # projections grouped per key head: [q | k | v of its value heads | z of its value heads], [b | a]
         self.in_proj_qkvz = nn.Linear(c.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
         self.in_proj_ba = nn.Linear(c.hidden_size, 2 * self.num_v_heads, bias=False)

@@ -43,8 +43,13 @@ def hf_model(cfg: dict, moe: bool):
     cls_cfg = transformers.Qwen3MoeConfig if moe else transformers.Qwen3Config
     cls = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
     torch.manual_seed(0)
-    model = cls(cls_cfg(**cfg)).eval()
-    with torch.no_grad():  # transformers initialises norms to ones and the router to zeros: perturb so they matter
+    return perturbed(cls(cls_cfg(**cfg)).eval())
+
+
+def perturbed(model):
+    """transformers initialises norms to ones (Qwen3-Next's to zeros) and the router to zeros: perturb them so that
+    they matter in a comparison."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "mlp.gate" in name:
                 p.add_(torch.randn_like(p) * 0.1)

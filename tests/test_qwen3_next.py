@@ -15,6 +15,7 @@ from nanoqwen.config import Qwen3Config, get_preset
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.qwen3_next import LinearAttentionState, gated_delta_rule
 from nanoqwen.train.trainer import TrainConfig, Trainer
+from test_model import max_diff, perturbed
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -40,16 +41,7 @@ def hf_config(**overrides):
 
 def hf_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = transformers.Qwen3NextForCausalLM(hf_config(**overrides)).eval()
-    with torch.no_grad():  # norms start at 0 (zero-centred) or 1, the router at 0: perturb so that they matter
-        for name, p in model.named_parameters():
-            if "norm" in name or "mlp.gate" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def max_diff(a, b):
-    return (a.float() - b.float()).abs().max().item()
+    return perturbed(transformers.Qwen3NextForCausalLM(hf_config(**overrides)).eval())
 
 
 @pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
