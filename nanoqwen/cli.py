@@ -68,7 +68,17 @@ def _sampling_kwargs(args) -> dict:
     """The engine's keyword arguments from the sampling flags shared by `chat` and `generate`."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
-                stop=args.stop, seed=args.seed)
+                stop=args.stop, seed=args.seed, **_speculative_kwargs(args))
+
+
+def _speculative_kwargs(args) -> dict:
+    return dict(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+
+
+def _add_speculative_flags(p) -> None:
+    p.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="speculative decoding: ngram drafts from the text so far (prompt lookup); same tokens, sooner")
+    p.add_argument("--num-speculative-tokens", type=_positive_int, default=3, help="draft tokens checked per step")
 
 
 def _print_stream(chunks, color: bool):
@@ -210,7 +220,8 @@ def cmd_serve(args):
     """An OpenAI-compatible HTTP server (chat and text completions, continuous batching) over a checkpoint folder."""
     from .server import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_len=args.max_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name)
+          max_len=args.max_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
+          **_speculative_kwargs(args))
 
 
 def cmd_tokenize(args):
@@ -499,6 +510,7 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=_number(float, positive, "> 0"), default=1.0)
     p.add_argument("--seed", type=_number(int, lambda v: True, "an integer"), default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    _add_speculative_flags(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
 
@@ -561,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=_positive_int, default=None,
                    help="tokens per slot, prompt and answer (default: 4096, at most the model's context)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
+    _add_speculative_flags(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.set_defaults(func=cmd_serve)

@@ -91,6 +91,7 @@ class _Row:
         self.sent_tail = ""  # the end of the sent text: a stop string may begin there
         self.logprobs: list | None = [] if request.logprobs is not None else None
         self.finish_reason: str | None = None
+        self.lookup: PromptLookup | None = None  # speculative decoding's drafts (made on first use)
 
     def next_token(self, sampled: int) -> int:
         """The sampled token, unless the thinking budget is spent: then the tokens of the budget phrase, one by one."""
@@ -274,8 +275,13 @@ class Engine:
     (stops, streaming text, forced tokens) overlaps the device's; it is turned off while a row asks for logprobs."""
 
     def __init__(self, model, tokenizer, batch_size: int = 1, max_len: int | None = None, compile: bool | None = None,
-                 pipeline: bool | None = None):
+                 pipeline: bool | None = None, speculative: str | None = None, num_speculative_tokens: int = 3):
         self.model, self.tokenizer = model, tokenizer
+        if speculative not in (None, "ngram"):
+            raise ValueError(f"speculative must be 'ngram' (prompt lookup) or None, got {speculative!r}")
+        if speculative and num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        self.speculative, self.num_speculative_tokens = speculative, num_speculative_tokens
         self.device = model.lm_head.weight.device
         self.batch_size, self.max_len = batch_size, max_len or model.config.max_position_embeddings
         self.cache = model.make_cache(batch_size, self.max_len)
@@ -296,6 +302,9 @@ class Engine:
         # (the hybrid's DeltaNet state is advanced in place by each step; its captured step is not measured yet)
         self.static = (cuda and not model.config.is_hybrid) if compile is None else compile
         self.pipeline = cuda if pipeline is None else pipeline
+        if speculative:  # a speculative step has a data-dependent shape and waits for its tokens: eager, unpipelined
+            self.static = self.pipeline = False
+        self.drafted = self.accepted = 0  # speculative decoding: draft tokens proposed and accepted
         # stacked q/k/v and gate/up weights (model.fuse_projections): views of the parameters on the GPU; copies on
         # the CPU, so there only for models under 1B parameters
         self.fused = cuda or model.config.num_parameters() <= 1e9
@@ -360,6 +369,8 @@ class Engine:
         if not self.live_slots():
             self._pending = None
             return []
+        if self.speculative:
+            return self._speculative_step()
         pending, self._pending = self._pending, None
         if pending is not None and pending.forced is None:
             self._decide(pending)  # what the rows feed next must be known before the next step is queued
@@ -587,6 +598,107 @@ class Engine:
         self._shift(-int(first_real.min()))
 
 
+    # --- speculative decoding ---
+    def _speculative_step(self) -> list[Chunk]:
+        """Up to k+1 tokens per live row from one forward: each row reads its next token followed by k drafted ones
+        (at consecutive positions, into cache slots t..t+k), then keeps the drafts up to the first one that differs
+        from what it chooses at that position from the model's logits. The choice is the one a plain step would
+        make (the same sampler, penalties, forced tokens and random draws), so the tokens are those of plain
+        decoding, seeded sampling included; a good draft only makes them come faster. The slots of rejected drafts
+        stay in the cache as masked holes."""
+        slots = self.live_slots()
+        drafts = {slot: self._draft(slot) for slot in slots}
+        k = max(map(len, drafts.values()))
+        if self.t + k + 1 > self.max_len:
+            self._defragment()
+            k = min(k, self.max_len - self.t - 1)
+        fed = torch.zeros(self.batch_size, k + 1, dtype=torch.long)
+        fed[:, 0] = self.tokens.cpu()
+        for slot, draft in drafts.items():
+            draft = draft[:k]
+            fed[slot, 1:1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
+        step = torch.arange(k + 1, device=self.device)
+        self.mask[:, self.t:self.t + k + 1] = self.live[:, None]
+        for layer in self.cache:
+            layer.track = True  # a DeltaNet state keeps its value after each token, to return to the last accepted
+        with fused_projections(self.fused):
+            out = self.model(fed.to(self.device), position_ids=self.positions[:, None] + step, cache=self.cache,
+                             cache_position=self.t + step, attention_mask=self.mask[:, :self.t + k + 1])
+        logits = out.logits[..., :self.token_limit].float()
+        kept = torch.zeros(self.batch_size, dtype=torch.long)  # drafts kept per row
+        chunks, active = [], slots
+        for j in range(k + 1):  # position j chooses the token after fed[:, j]
+            sampled = self.sampler.sample(logits[active, j], active).tolist()
+            tokens = [self.rows[slot].next_token(token) for slot, token in zip(active, sampled)]
+            self.sampler.observe(active, tokens)
+            self.tokens[active] = torch.tensor(tokens, device=self.device)
+            going = []
+            for slot, token, logprob in zip(active, tokens, self._logprobs(active, logits[active, j], tokens)):
+                chunks += self._accept(slot, token, logprob)
+                if self.rows[slot] is not None and j < len(drafts[slot][:k]) and token == drafts[slot][j]:
+                    kept[slot] = j + 1  # the draft was right: its key is valid and the row chooses again
+                    going.append(slot)
+            active = going
+            if not active:
+                break
+        for slot in self.live_slots():
+            self.mask[slot, self.t + int(kept[slot]) + 1:self.t + k + 1] = False
+        kept = kept.to(self.device)
+        for layer in self.cache:
+            layer.keep(kept)
+            layer.track = False
+        self.positions += kept + 1
+        self._set_t(self.t + k + 1)
+        self.launches += 1
+        self.drafted += sum(len(d[:k]) for d in drafts.values())
+        self.accepted += int(kept.sum())
+        return chunks
+
+    def _draft(self, slot: int) -> list[int]:
+        """Up to k tokens that may follow the row's text so far (prompt lookup)."""
+        row = self.rows[slot]
+        if row.lookup is None:
+            row.lookup = PromptLookup()
+        return row.lookup.draft(row.request.prompt_ids + row.token_ids, self.num_speculative_tokens)
+
+    def _defragment(self) -> None:
+        """Close the holes: move each row's real keys (in order) to the slots just before the new t, the largest
+        number of real keys of any row."""
+        counts = self.mask.sum(1).tolist()
+        t = max(counts)
+        source = torch.zeros(self.batch_size, self.max_len, dtype=torch.long)
+        mask = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool)
+        for row, count in enumerate(counts):
+            source[row, t - count:t] = self.mask[row].nonzero()[:, 0].cpu()
+            mask[row, t - count:t] = True
+        source = source.to(self.device)
+        for layer in self.cache:
+            layer.reorder(source)
+        self.mask.copy_(mask)
+        self._set_t(t)
+
+
+class PromptLookup:
+    """Prompt-lookup drafts (vLLM's "ngram" method, transformers' prompt_lookup_num_tokens) for one growing text:
+    find the latest earlier occurrence of the text's last n tokens, for the longest n <= max_n that has one, and
+    propose the k tokens that followed it. Keeps a map from each n-gram to where its latest occurrence ends,
+    extended by the new tokens at each call, so a call costs what the text grew by, not its length."""
+
+    def __init__(self, max_n: int = 3):
+        self.max_n, self.ends, self.indexed = max_n, {}, 0
+
+    def draft(self, text: list[int], k: int) -> list[int]:
+        for end in range(self.indexed, len(text) - 1):  # n-grams ending before the last token: something follows
+            for n in range(1, min(self.max_n, end + 1) + 1):
+                self.ends[tuple(text[end + 1 - n:end + 1])] = end + 1
+        self.indexed = max(self.indexed, len(text) - 1)
+        for n in range(min(self.max_n, len(text)), 0, -1):
+            follows = self.ends.get(tuple(text[-n:]))
+            if follows is not None:
+                return text[follows:follows + k]
+        return []
+
+
 _COMPILED = {}
 
 
@@ -635,18 +747,21 @@ def make_request(model, tokenizer, prompt, params: SamplingParams, enable_thinki
 _LAST_CUDA_ENGINE: list[Engine] = []  # reused across calls, so its decode step is compiled and captured once
 
 
-def engine_for(model, tokenizer, batch_size: int, max_len: int) -> Engine:
+def engine_for(model, tokenizer, batch_size: int, max_len: int, speculative: str | None = None,
+               num_speculative_tokens: int = 3) -> Engine:
     """A new engine on CPU (cheap); on CUDA the previous one when it fits, else one with a power-of-two cache length
     (each new shape costs a compilation)."""
+    spec = dict(speculative=speculative, num_speculative_tokens=num_speculative_tokens)
     if model.lm_head.weight.device.type != "cuda":
-        return Engine(model, tokenizer, batch_size, max_len)
+        return Engine(model, tokenizer, batch_size, max_len, **spec)
     max_len = 1 << max(8, (max_len - 1).bit_length())
     last = _LAST_CUDA_ENGINE[0] if _LAST_CUDA_ENGINE else None
     if (last is not None and last.model is model and last.tokenizer is tokenizer and last.batch_size == batch_size
-            and last.max_len >= max_len and not last.live_slots()):
+            and last.max_len >= max_len and not last.live_slots() and last.speculative == speculative
+            and last.num_speculative_tokens == num_speculative_tokens):
         return last
     _LAST_CUDA_ENGINE[:] = []  # free the old cache first
-    _LAST_CUDA_ENGINE.append(Engine(model, tokenizer, batch_size, max_len))
+    _LAST_CUDA_ENGINE.append(Engine(model, tokenizer, batch_size, max_len, **spec))
     return _LAST_CUDA_ENGINE[0]
 
 
@@ -656,13 +771,14 @@ def generate_batch(model, tokenizer, prompts: list, max_new_tokens: int = 512, e
                    repetition_penalty: float = 1.0, stop: str | list[str] | None = None,
                    seed: int | list[int] | None = None, stream: bool = False, tools: list | None = None,
                    engine: Engine | None = None, batch_size: int | None = None, logprobs: int | None = None,
-                   progress: str | None = None):
+                   progress: str | None = None, speculative: str | None = None, num_speculative_tokens: int = 3):
     """Generate for many prompts at once: a list of GenerationResult, or with stream=True an iterator of Chunks
     (chunk.index says which prompt). An int seed gives prompt i the seed seed+i. batch_size: rows decoded together
     (default: all prompts); the others wait for a free row. logprobs=k: each token's logprob and its k best
     alternatives in result.logprobs / chunk.logprobs. Pass an Engine to reuse its cache (and, on CUDA, its compiled
     decode step) across calls. progress: a label for a bar of finished answers with tok/s and ETA, drawn when
-    stderr is a terminal."""
+    stderr is a terminal. speculative: "ngram" (prompt lookup) or "mtp" (Qwen3-Next's MTP head) drafts
+    num_speculative_tokens tokens per step, checked in one forward: the same tokens, sooner (see Engine)."""
     if not isinstance(seed, (list, tuple)):
         seed = [None if seed is None else seed + i for i in range(len(prompts))]
     requests = []
@@ -676,7 +792,8 @@ def generate_batch(model, tokenizer, prompts: list, max_new_tokens: int = 512, e
         requests[-1].logprobs = logprobs
     if engine is None:
         max_len = max(len(r.prompt_ids) for r in requests) + max(r.params.max_new_tokens for r in requests)
-        engine = engine_for(model, tokenizer, min(batch_size or len(requests), len(requests)), max_len)
+        engine = engine_for(model, tokenizer, min(batch_size or len(requests), len(requests)), max_len, speculative,
+                            num_speculative_tokens)
     chunks = engine.run(requests)
     if stream:
         return chunks
@@ -705,14 +822,15 @@ def generate(model, tokenizer, messages_or_prompt, max_new_tokens: int = 512, en
              top_k: int | None = None, min_p: float | None = None, presence_penalty: float = 0.0,
              repetition_penalty: float = 1.0, stop: str | list[str] | None = None, seed: int | None = None,
              stream: bool = False, tools: list | None = None, engine: Engine | None = None,
-             logprobs: int | None = None):
+             logprobs: int | None = None, speculative: str | None = None, num_speculative_tokens: int = 3):
     """Generate for one prompt: a GenerationResult, or with stream=True an iterator of Chunks whose last one carries
     the result. Sampling knobs left at None take Qwen's defaults for the mode (thinking unless it is switched off)."""
     out = generate_batch(model, tokenizer, [messages_or_prompt], max_new_tokens=max_new_tokens,
                          enable_thinking=enable_thinking, thinking_budget=thinking_budget, temperature=temperature,
                          top_p=top_p, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
                          repetition_penalty=repetition_penalty, stop=stop, seed=seed, stream=stream, tools=tools,
-                         engine=engine, logprobs=logprobs)
+                         engine=engine, logprobs=logprobs, speculative=speculative,
+                         num_speculative_tokens=num_speculative_tokens)
     return out if stream else out[0]
 
 

@@ -120,6 +120,18 @@ class KVCache(nn.Module):
     def clear(self) -> None:
         pass  # stale keys are masked out, never read
 
+    # speculative decoding: the keys of rejected drafts are masked out (holes), so these have nothing to undo
+    track = False
+
+    def keep(self, kept: torch.Tensor) -> None:
+        pass
+
+    def reorder(self, source: torch.Tensor) -> None:
+        """Slot s of row b takes what slot source[b, s] held (closing the holes that rejected drafts leave)."""
+        index = source[:, None, :, None].expand_as(self.k)
+        self.k.copy_(self.k.gather(2, index))
+        self.v.copy_(self.v.gather(2, index))
+
 
 class Attention(nn.Module):
     def __init__(self, config: Qwen3Config):

@@ -91,6 +91,25 @@ class LinearAttentionState(nn.Module):
     def shift(self, offset: int) -> None:
         pass
 
+    def reorder(self, source: torch.Tensor) -> None:
+        pass
+
+    # speculative decoding: a tracked forward keeps the state after each of its tokens (conv inputs and recurrent
+    # state), and `keep` then rewinds each row to the one after its last accepted token
+    track = False
+    conv_steps = recurrent_steps = None
+
+    def keep(self, kept: torch.Tensor) -> None:
+        """Row b keeps the state after token kept[b] (0-based) of the tracked forward."""
+        if self.recurrent_steps is None:
+            return
+        B, C, K1 = self.conv.shape
+        rows = torch.arange(B, device=kept.device)
+        self.recurrent.copy_(self.recurrent_steps[rows, kept])
+        window = kept[:, None] + 1 + torch.arange(K1, device=kept.device)  # the K-1 inputs ending at that token
+        self.conv.copy_(self.conv_steps.gather(2, window[:, None, :].expand(B, C, K1)))
+        self.conv_steps = self.recurrent_steps = None
+
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: LinearAttentionState | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,6 +122,8 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: LinearAttentionSta
     full = torch.cat((past, x), dim=-1)  # (B, C, K-1+T)
     if state is not None:
         state.conv.copy_(full[:, :, -(K - 1):])
+        if state.track:
+            state.conv_steps = full
     if document_ids is None:
         return F.conv1d(full, weight, groups=C).transpose(1, 2)
     out = torch.zeros_like(x)
@@ -137,11 +158,18 @@ def _gated_delta_rule(q, k, v, g, beta, state, document_ids, chunk_size):
     q, k = _l2norm(q) * q.shape[-1] ** -0.5, _l2norm(k)
     B, _, T, Dk = k.shape
     S = state.recurrent.float() if state is not None else q.new_zeros(B, H, Dk, v.shape[-1])
-    if T == 1 and document_ids is None:
-        S = S * g[..., 0, None, None].exp()
-        u = beta[..., 0, None] * (v[:, :, 0] - torch.einsum("bhkv,bhk->bhv", S, k[:, :, 0]))
-        S = S + k[:, :, 0, :, None] * u[:, :, None, :]
-        o = torch.einsum("bhkv,bhk->bhv", S, q[:, :, 0])[:, :, None]
+    tracked = state is not None and state.track
+    if (T == 1 or tracked) and document_ids is None:
+        outputs, states = [], []
+        for i in range(T):  # the recurrence itself: decoding, and the few tokens of a speculative step
+            S = S * g[..., i, None, None].exp()
+            u = beta[..., i, None] * (v[:, :, i] - torch.einsum("bhkv,bhk->bhv", S, k[:, :, i]))
+            S = S + k[:, :, i, :, None] * u[:, :, None, :]
+            outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, :, i]))
+            states.append(S)
+        o = torch.stack(outputs, dim=2)
+        if tracked:
+            state.recurrent_steps = torch.stack(states, dim=1)  # (B, T, H, Dk, Dv)
     else:
         o, S = _chunked(q, k, v, g, beta, S, document_ids, chunk_size)
     if state is not None:

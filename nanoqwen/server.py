@@ -161,10 +161,10 @@ def _sampling(body, max_tokens: int | None, seed_offset: int) -> SamplingParams:
 class Server:
     """The state behind the routes: the model, its engine loop and the limits of a request."""
 
-    def __init__(self, model, tokenizer, model_name: str, max_batch: int, max_len: int):
+    def __init__(self, model, tokenizer, model_name: str, max_batch: int, max_len: int, **engine_options):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.max_batch, self.max_len = max_batch, max_len
-        self.loop = EngineLoop(Engine(model, tokenizer, batch_size=max_batch, max_len=max_len))
+        self.loop = EngineLoop(Engine(model, tokenizer, batch_size=max_batch, max_len=max_len, **engine_options))
 
     def requests(self, body, prompts: list, logprobs: int | None, **template) -> list:
         """n engine requests per prompt, checked: a ValueError of the engine or the template is a 400."""
@@ -317,9 +317,10 @@ async def _results(server: Server, http: HTTPRequest, requests: list):
 # The app
 
 def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: int | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, speculative: str | None = None, num_speculative_tokens: int = 3) -> FastAPI:
     max_len = min(max_len or 4096, model.config.max_position_embeddings)
-    server = Server(model, tokenizer, model_name, max_batch, max_len)
+    server = Server(model, tokenizer, model_name, max_batch, max_len, speculative=speculative,
+                    num_speculative_tokens=num_speculative_tokens)
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
@@ -442,12 +443,14 @@ async def _completion_stream(server: Server, http, requests: list, head: dict, b
 
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
-          max_len: int | None = None, dtype=None, device=None, model_name: str | None = None) -> None:
+          max_len: int | None = None, dtype=None, device=None, model_name: str | None = None,
+          speculative: str | None = None, num_speculative_tokens: int = 3) -> None:
     """Load a checkpoint folder and serve it until interrupted."""
     import uvicorn
     from .engine import load
     model, tokenizer = load(path, dtype=dtype, device=device)
     name = model_name or os.path.basename(os.path.normpath(path))
-    app = create_app(model, tokenizer, name, max_batch=max_batch, max_len=max_len, api_key=api_key)
+    app = create_app(model, tokenizer, name, max_batch=max_batch, max_len=max_len, api_key=api_key,
+                     speculative=speculative, num_speculative_tokens=num_speculative_tokens)
     print(f"serving {name} on http://{host}:{port}/v1 ({max_batch} slots of {app.state.server.max_len} tokens)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -106,6 +106,9 @@ def test_generate_prompt_flag_and_stdin(thinker_dir):
     out = nanoqwen("generate", "--model", thinker_dir, "--prompt", "hi", "--thinking-budget", "2")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("<think> hmm hmm\n\nConsidering the limited time") and out.stdout.endswith("Hello\n")
+    drafted = nanoqwen("generate", "--model", thinker_dir, "--prompt", "hi", "--thinking-budget", "2", "--speculative",
+                       "ngram", "--num-speculative-tokens", "5")
+    assert drafted.returncode == 0 and drafted.stdout == out.stdout, drafted.stderr
     out = nanoqwen("generate", "--model", thinker_dir, "--no-think", "--json", stdin="hi from stdin")
     result = json.loads(out.stdout)
     assert result["content"] == "Hello" and result["finish_reason"] == "stop"
@@ -125,7 +128,8 @@ def test_generate_raw_from_a_folder_with_its_own_tokenizer(tmp_path):
     assert result["finish_reason"] == "length" and result["usage"]["completion_tokens"] == 5
 
 
-@pytest.mark.parametrize("case", ["missing", "broken", "too_long", "bad_top_p", "bad_number", "bad_tokens"])
+@pytest.mark.parametrize("case", ["missing", "broken", "too_long", "bad_top_p", "bad_number", "bad_tokens",
+                                  "bad_draft"])
 def test_generate_errors_are_one_line(thinker_dir, tmp_path, case):
     (tmp_path / "config.json").write_text("{not json")
     args = {
@@ -135,10 +139,12 @@ def test_generate_errors_are_one_line(thinker_dir, tmp_path, case):
         "bad_top_p": ["--model", thinker_dir, "--top-p", "1.5"],
         "bad_number": ["--model", thinker_dir, "--temperature", "warm"],
         "bad_tokens": ["--model", thinker_dir, "--max-new-tokens", "0"],
+        "bad_draft": ["--model", thinker_dir, "--speculative", "eagle"],
     }[case]
     out = nanoqwen("generate", *args)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("nanoqwen generate: error: ") and out.stderr.count("\n") == 1, out.stderr
     expected = {"missing": "no checkpoint folder", "broken": "not valid JSON", "too_long": "context",
-                "bad_top_p": "--top-p", "bad_number": "expected a number", "bad_tokens": "--max-new-tokens"}[case]
+                "bad_top_p": "--top-p", "bad_number": "expected a number", "bad_tokens": "--max-new-tokens",
+                "bad_draft": "--speculative"}[case]
     assert expected in out.stderr

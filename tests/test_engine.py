@@ -2,6 +2,7 @@
 generations against transformers' own `generate` on the same random checkpoints."""
 import io
 import os
+import random
 import sys
 
 import pytest
@@ -10,7 +11,8 @@ import transformers
 
 from nanoqwen.checkpoint import load_model, save_model
 from nanoqwen.config import Qwen3Config
-from nanoqwen.engine import BUDGET_PHRASE, Engine, _decode_step, generate, generate_batch, load, make_request
+from nanoqwen.engine import (BUDGET_PHRASE, Engine, PromptLookup, _decode_step, generate, generate_batch, load,
+                             make_request)
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.qwen3_next import Qwen3NextForCausalLM
 from nanoqwen.sampling import SamplingParams
@@ -469,6 +471,109 @@ def test_length_limit_mid_character_flushes(tok, talker):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Speculative decoding
+
+def oracle_drafts(engine, reference: list[list[int]], seed: int = 0):
+    """Make the engine draft the true continuation (from a plain run), cut to a random length (0-4) and, half of
+    the time, with one token wrong: every number of kept drafts, per row, comes up."""
+    rng = random.Random(seed)
+
+    def draft(slot):
+        row = engine.rows[slot]
+        future = reference[row.request.index][len(row.token_ids):][:rng.randint(0, 4)]
+        if future and rng.random() < 0.5:
+            future[rng.randrange(len(future))] += 1
+        return future
+    engine._draft = draft
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe", "hybrid"])
+def test_speculative_steps_give_the_plain_tokens(tok, kind):
+    """Drafts right, wrong and cut short, in a cache so small that the holes of rejected drafts must be closed:
+    the tokens are those of plain decoding, greedy and seeded sampling with penalties alike. The hybrid's DeltaNet
+    state goes back to the last kept token of each row."""
+    model = random_model(kind == "moe", hybrid=kind == "hybrid")
+    prompts = [[1, 2, 3, 1, 2, 3, 1, 2], list(range(20, 34)), [5, 6], list(range(40, 49)) * 2, [9]]
+    for knobs in (GREEDY, dict(temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=3)):
+        for batch_size, max_len in ((2, 256), (3, 60)):
+            plain = Engine(model, tok, batch_size=batch_size, max_len=max_len)
+            reference = [r.token_ids for r in generate_batch(model, tok, prompts, max_new_tokens=30, engine=plain,
+                                                             **knobs)]
+            engine = Engine(model, tok, batch_size=batch_size, max_len=max_len, speculative="ngram",
+                            num_speculative_tokens=4)
+            oracle_drafts(engine, reference)
+            closed = []
+            defragment = engine._defragment
+            engine._defragment = lambda: (closed.append(engine.t), defragment())
+            results = generate_batch(model, tok, prompts, max_new_tokens=30, engine=engine, **knobs)
+            assert [r.token_ids for r in results] == reference
+            assert 0 < engine.accepted < engine.drafted and engine.launches < plain.launches
+            assert bool(closed) == (max_len == 60)
+
+
+def speculative_and_not(model, tok, prompts, batch_size=2, max_len=64, **kwargs):
+    """Chunks of the same generation with prompt-lookup speculative steps and plain ones."""
+    out, engines = [], []
+    for speculative in ("ngram", None):
+        engines.append(Engine(model, tok, batch_size=batch_size, max_len=max_len, speculative=speculative))
+        out.append(list(generate_batch(model, tok, prompts, engine=engines[-1], stream=True, **kwargs)))
+    return out, engines[0]
+
+
+def test_speculative_steps_keep_budget_stops_streams_and_logprobs(tok, thinker, talker):
+    """Prompt-lookup drafts against the scripted models (whose answers repeat, so drafts are often right): the
+    thinking budget's forced phrase, stop tokens and strings, streamed pieces and logprobs are those of plain
+    steps."""
+    thinking, word, answer = thinker
+    question = tok.apply_chat_template(QUESTION, add_generation_prompt=True)
+    for budget in (0, 2, 5):
+        (spec, plain), engine = speculative_and_not(thinking, tok, [question] * 3, max_new_tokens=60,
+                                                    thinking_budget=budget)
+        assert summary(spec) == summary(plain)
+        assert engine.accepted > 0 or budget < 5  # the repeated thinking word is drafted right
+        phrase = tok.encode(BUDGET_PHRASE, allow_special=True)
+        assert summary(spec)[0][2].token_ids == [tok.think_start_id] + [word] * budget + phrase + \
+            [answer, tok.eos_token_id]
+    talking, _ = talker
+    for stop in (None, ", wor", "😀"):
+        (spec, plain), _ = speculative_and_not(talking, tok, [[START]] * 3, max_new_tokens=50, stop=stop)
+        assert summary(spec) == summary(plain)
+    model = random_model()
+    (spec, plain), engine = speculative_and_not(model, tok, [[1, 2, 3, 1, 2, 3], [7, 8]], max_new_tokens=12,
+                                                logprobs=2, **GREEDY)
+    spec, plain = summary(spec)[0], summary(plain)[0]
+    for i in (0, 1):  # several tokens per forward vs one: the same tokens, logprobs equal up to rounding
+        assert spec[i].token_ids == plain[i].token_ids and len(spec[i].logprobs) == 12
+        for (a, top_a), (b, top_b) in zip(spec[i].logprobs, plain[i].logprobs):
+            assert a == pytest.approx(b, abs=1e-5) and [t for t, _ in top_a] == [t for t, _ in top_b]
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    lookup = PromptLookup(max_n=3)
+    assert lookup.draft([5], 3) == []
+    assert lookup.draft([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]  # "1 2" occurred before: what followed it
+    assert lookup.draft([1, 2, 3, 4, 1, 2, 9, 1, 2], 2) == [9, 1]  # the latest occurrence wins
+    assert lookup.draft([1, 2, 3, 4, 1, 2, 9, 1, 2, 3], 5) == [4, 1, 2, 9, 1]  # the longest n-gram (1 2 3) first
+    assert lookup.draft([1, 2, 3, 4, 1, 2, 9, 1, 2, 3, 7], 5) == []  # 7 never occurred before
+    rng = random.Random(0)
+    for _ in range(50):  # against a plain scan of the whole text, as the text grows
+        text, lookup = [], PromptLookup(max_n=3)
+        for _ in range(20):
+            text += [rng.randrange(5) for _ in range(rng.randint(1, 3))]
+            expected = next((text[start + n:start + n + 4] for n in range(min(3, len(text) - 1), 0, -1)
+                             for start in range(len(text) - n - 1, -1, -1) if text[start:start + n] == text[-n:]), [])
+            assert lookup.draft(text, 4) == expected
+
+
+def test_bad_speculative_settings_are_rejected(tok):
+    model = random_model()
+    with pytest.raises(ValueError, match="speculative must be 'ngram'"):
+        Engine(model, tok, speculative="eagle")
+    with pytest.raises(ValueError, match="num_speculative_tokens must be >= 1"):
+        Engine(model, tok, speculative="ngram", num_speculative_tokens=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Against transformers
 
 @pytest.mark.parametrize("kind", ["dense", "moe", "hybrid"])
@@ -490,6 +595,8 @@ def test_greedy_generation_equals_transformers(tok, tmp_path, kind):
     results = generate_batch(ours, tok, prompts, max_new_tokens=16, **GREEDY)
     assert [r.token_ids for r in results] == expected
     assert generate(ours, tok, prompts[0], max_new_tokens=16, **GREEDY).token_ids == alone[0, width:].tolist()
+    speculative = generate_batch(ours, tok, prompts, max_new_tokens=16, speculative="ngram", **GREEDY)
+    assert [r.token_ids for r in speculative] == expected
 
 
 def test_load_checkpoint_folder_with_and_without_tokenizer(tok, tmp_path):

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from nanoqwen.checkpoint import save_model
 from nanoqwen.engine import BUDGET_PHRASE, load
 from nanoqwen.server import create_app
 from nanoqwen.tokenizer import train_tokenizer
-from test_engine import chain, random_model, scripted_model, thinker_script
+from test_engine import chain, full_forward_greedy, random_model, scripted_model, thinker_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HI = [{"role": "user", "content": "hi"}]
@@ -264,19 +265,35 @@ def test_32_concurrent_streams_equal_each_request_alone(small):
     assert concurrent == [_alone(url, r) for r in requests]
 
 
-def test_hybrid_model_serves_concurrent_streams_equal_to_each_request_alone(tmp_path):
-    """A Qwen3-Next checkpoint: requests joining a running batch get their DeltaNet state placed in their slot."""
+@pytest.mark.parametrize("speculative", [None, "ngram"])
+def test_hybrid_model_serves_concurrent_streams_equal_to_each_request_alone(tmp_path, speculative):
+    """A Qwen3-Next checkpoint: requests joining a running batch get their DeltaNet state placed in their slot;
+    with speculative steps, each row's state also goes back to its last kept draft."""
     texts = ["the quick brown fox jumps over the lazy dog\n\n" * 3, "hello world, hello there\n"] * 20
     tokenizer = train_tokenizer(texts, 300, str(tmp_path))
     save_model(random_model(vocab_size=tokenizer.vocab_size, hybrid=True), str(tmp_path))
     requests = [_request(i) for i in range(12)]
-    with running(str(tmp_path), max_batch=4, max_len=256) as (url, app):
+    with running(str(tmp_path), max_batch=4, max_len=256, speculative=speculative) as (url, app):
+        engine, rng = app.state.server.loop.engine, random.Random(0)
+        if speculative:  # drafts that are often right (the model's own greedy tokens), cut short or spoilt at times
+            def draft(slot):
+                row = engine.rows[slot]
+                future = full_forward_greedy(engine.model, row.request.prompt_ids + row.token_ids, rng.randint(0, 4))
+                if future and rng.random() < 0.5:
+                    future[rng.randrange(len(future))] += 1
+                return future
+            engine._draft = draft
+
         async def together():
             c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
             return await asyncio.gather(*[_stream_text(c, _name(url), r) for r in requests])
         concurrent = asyncio.run(together())
         assert app.state.server.loop.peak_running == 4
         assert concurrent == [_alone(url, r) for r in requests]
+        assert (engine.accepted > 0) == (speculative is not None)
+    if speculative:
+        with running(str(tmp_path), max_batch=4, max_len=256) as (url, app):
+            assert concurrent == [_alone(url, r) for r in requests]  # the answers of plain decoding
 
 
 def test_new_request_joins_a_running_batch(thinker):
