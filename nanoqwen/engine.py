@@ -272,7 +272,10 @@ class Engine:
     compile (default: on CUDA) compiles the decode step over static shapes; on CUDA it is captured in one CUDA graph
     (model, greedy choice and bookkeeping; sampling with temperature runs after it without waiting for the host).
     pipeline (default: on CUDA) queues step n+1 before the host reads step n's tokens, so the host's per-row work
-    (stops, streaming text, forced tokens) overlaps the device's; it is turned off while a row asks for logprobs."""
+    (stops, streaming text, forced tokens) overlaps the device's; it is turned off while a row asks for logprobs.
+    speculative="ngram" makes each step read num_speculative_tokens drafted tokens per row as well (prompt lookup)
+    and keep those the row would have chosen anyway: the tokens of plain decoding, in fewer steps (eager, not
+    pipelined)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 1, max_len: int | None = None, compile: bool | None = None,
                  pipeline: bool | None = None, speculative: str | None = None, num_speculative_tokens: int = 3):
