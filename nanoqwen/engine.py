@@ -401,7 +401,8 @@ class Engine:
                     self.cancel(slot)
 
     def _choose(self, slots: list[int], logits: torch.Tensor) -> list[Chunk]:
-        """The first token of newly added rows: sample (or force) it, feed it to the row's state machine."""
+        """The next token of these rows from their logits (len(slots), vocab), chosen on the host: sample (or force)
+        it, feed it to the row's state machine. For newly added rows and for each position of a speculative step."""
         logits = logits[:, :self.token_limit]
         sampled = self.sampler.sample(logits, slots).tolist()
         tokens = [self.rows[slot].next_token(token) for slot, token in zip(slots, sampled)]
@@ -615,10 +616,10 @@ class Engine:
         if self.t + k + 1 > self.max_len:
             self._defragment()
             k = min(k, self.max_len - self.t - 1)
+            drafts = {slot: draft[:k] for slot, draft in drafts.items()}
         fed = torch.zeros(self.batch_size, k + 1, dtype=torch.long)
         fed[:, 0] = self.tokens.cpu()
         for slot, draft in drafts.items():
-            draft = draft[:k]
             fed[slot, 1:1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
         step = torch.arange(k + 1, device=self.device)
         self.mask[:, self.t:self.t + k + 1] = self.live[:, None]
@@ -630,15 +631,12 @@ class Engine:
         logits = out.logits[..., :self.token_limit].float()
         kept = torch.zeros(self.batch_size, dtype=torch.long)  # drafts kept per row
         chunks, active = [], slots
-        for j in range(k + 1):  # position j chooses the token after fed[:, j]
-            sampled = self.sampler.sample(logits[active, j], active).tolist()
-            tokens = [self.rows[slot].next_token(token) for slot, token in zip(active, sampled)]
-            self.sampler.observe(active, tokens)
-            self.tokens[active] = torch.tensor(tokens, device=self.device)
+        for j in range(k + 1):  # position j chooses the token after fed[:, j], as plain decoding would
+            rows = [self.rows[slot] for slot in active]
+            chunks += self._choose(active, logits[active, j])
             going = []
-            for slot, token, logprob in zip(active, tokens, self._logprobs(active, logits[active, j], tokens)):
-                chunks += self._accept(slot, token, logprob)
-                if self.rows[slot] is not None and j < len(drafts[slot][:k]) and token == drafts[slot][j]:
+            for slot, row in zip(active, rows):
+                if self.rows[slot] is row and j < len(drafts[slot]) and row.token_ids[-1] == drafts[slot][j]:
                     kept[slot] = j + 1  # the draft was right: its key is valid and the row chooses again
                     going.append(slot)
             active = going
@@ -653,7 +651,7 @@ class Engine:
         self.positions += kept + 1
         self._set_t(self.t + k + 1)
         self.launches += 1
-        self.drafted += sum(len(d[:k]) for d in drafts.values())
+        self.drafted += sum(map(len, drafts.values()))
         self.accepted += int(kept.sum())
         return chunks
 
