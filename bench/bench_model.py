@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nanoqwen  # noqa: E402
 from nanoqwen.checkpoint import model_class  # noqa: E402
 from nanoqwen.config import get_preset  # noqa: E402
+from nanoqwen.hardware import device_peak  # noqa: E402
 from nanoqwen.train.trainer import flops_per_token  # noqa: E402
 
-PEAK_FLOPS = {"cuda": 989e12, "cpu": None}  # H100 SXM dense bf16; no meaningful peak on a shared CPU
 
 
 def transformers_model(path, config, dtype, device, experts=None):
@@ -84,7 +84,8 @@ def random_checkpoint(config, dtype) -> tempfile.TemporaryDirectory:
 def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile_ours):
     tmp = random_checkpoint(config, dtype)
     x = torch.randint(0, config.vocab_size, (batch, seq), device=device)
-    fpt, peak = flops_per_token(config, seq), PEAK_FLOPS[device]
+    fpt, peak = flops_per_token(config, seq), device_peak(device)
+    peak = peak[1] if peak else None
 
     # (label, builder, attention backends or None for SDPA's default choice)
     ours = lambda: nanoqwen.load_model(tmp.name, dtype=dtype, device=device)  # noqa: E731

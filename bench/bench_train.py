@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import nanoqwen  # noqa: E402
 from nanoqwen import model as modeling  # noqa: E402
 from nanoqwen.config import get_preset  # noqa: E402
-from nanoqwen.train.trainer import PEAK_FLOPS, TrainConfig, Trainer, flops_per_token  # noqa: E402
+from nanoqwen.hardware import device_peak  # noqa: E402
+from nanoqwen.train.trainer import TrainConfig, Trainer, flops_per_token  # noqa: E402
 from bench_model import random_checkpoint, timed  # noqa: E402  (shared with the model benchmark)
 
 
@@ -84,7 +85,9 @@ def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile, on
     variants.append(("transformers", lambda: transformers_rate(*args)))
     if only:
         variants = [v for v in variants if any(word in v[0] for word in only)]
-    fpt, peak, results = flops_per_token(config, seq), PEAK_FLOPS.get(device), {}
+    peak = device_peak(device)
+    fpt, results = flops_per_token(config, seq), {}
+    peak = peak[1] if peak else None
     for label, measure in variants:
         try:
             results[label] = measure()

@@ -194,25 +194,10 @@ def cmd_chat(args):
         _chat_turn(model, tokenizer, state, args)
 
 
-def cmd_pretrain(args):
-    """One pre-training stage of the Qwen3 recipe (see nanoqwen/train/pretrain.py); torchrun runs it on N ranks."""
-    from .train.pretrain import run_stage
-    options = dict(compile=args.compile, activation_checkpointing=args.activation_checkpointing,
-                   parallel=args.parallel, log_every=args.log_every, eval_every=args.eval_every,
-                   save_every=args.save_every, progress=not args.no_progress, wandb_project=args.wandb,
-                   tensorboard=args.tensorboard)
-    path = run_stage(args.stage, args.preset, args.out, resume=args.resume, steps=args.steps,
-                     batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, lr=args.lr,
-                     corpora=args.data or (), seed=args.seed, vocab_size=args.vocab_size,
-                     task_filter=_task_filter(args) if args.tasks or args.difficulty or args.languages else None,
-                     **options)
-    print(f"stage {args.stage} done: {path}")
-
-
 def cmd_speedrun(args):
     """The whole recipe on the embedded default (nanoqwen/speedrun.py), then the report card."""
     from .speedrun import run
-    path = run(args.out, args.scale, args.launcher, report_only=args.report_only)
+    path = run(args.out, args.scale, args.minutes, args.seed, args.launcher, args.report_only, args.compare)
     print(f"\nreport card: {path}")
 
 
@@ -250,241 +235,33 @@ def cmd_tokenizer_train(args):
     print(f"trained a {tokenizer.vocab_size:,}-token tokenizer, saved to {args.out}")
 
 
-# --- post-training (nanoqwen/train/posttrain.py): sft, rl, rm, eval ---
+# --- the training recipe's stages (nanoqwen/train/): each is an options dataclass and a `run` function in its
+# module; the flags are built from the dataclass, so the CLI, the library and the speedrun share one set of defaults
 
-def _task_filter(args) -> dict:
-    """--tasks a,b --difficulty 1-2 --languages en as iter_examples keywords."""
-    from .tasks import parse_filter
-    return parse_filter(args.tasks, args.difficulty, args.languages)
-
-
-def _train_options(args) -> dict:
-    return dict(log_every=args.log_every, progress=not args.no_progress, save_every=args.save_every)
-
-
-def cmd_sft(args):
-    """Post-training SFT: --stage coldstart (long-CoT traces) or fusion (/think + /no_think mix)."""
-    import os
-    from .checkpoint import resolve
-    from .train import posttrain
-    from .train.sft import read_jsonl, run_sft
-    model = resolve(args.model)
-    if args.data:
-        records = read_jsonl(args.data, on_bad_line=args.on_bad_line)
-    elif args.stage == "coldstart":
-        records = posttrain.coldstart_data(model, args.samples, args.seed, not args.no_filter, **_task_filter(args))
-    else:
-        records = posttrain.fusion_data(model, args.samples, args.seed, **_task_filter(args))
-    if not args.data:
-        print(f"data: {posttrain.write_jsonl(records, os.path.join(args.out, f'{args.stage}.jsonl'))}")
-    path = run_sft(model, records, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   max_len=args.max_len, seed=args.seed, resume=args.resume, **_train_options(args))
-    print(f"sft {args.stage} done: {path}")
+def cmd_stage(args):
+    """Run one stage of the recipe from its flags (nanoqwen/train/: STAGE_COMMANDS)."""
+    from .train import stage_command
+    from .train.options import from_args
+    run, options_class = stage_command(args.command)
+    result = run(from_args(options_class, args))
+    if isinstance(result, str):
+        print(f"{args.command} done: {result}")
 
 
-def cmd_rl(args):
-    """GRPO: --stage reasoning (verifier + format rewards) or general (rule, judge and reward-model rewards)."""
-    import os
-    import torch
-    from .engine import load
-    from .checkpoint import resolve
-    from .train import posttrain, rewards
-    from .train.grpo import GRPOConfig, run_grpo
-    from .train.reward_model import RewardModel
-    from .train.sft import read_jsonl
-    model, tokenizer = load(resolve(args.model), dtype=torch.float32, device="cpu")
-    judge = load(resolve(args.judge), device="cpu")[0] if args.judge else None
-    reward_model = RewardModel(resolve(args.rm)) if args.rm else None
-    if args.prompts:
-        prompts = read_jsonl(args.prompts, rewards.check_record, args.on_bad_line)
-        for kind, given, flag in (("judge", judge, "--judge CHECKPOINT"), ("rm", reward_model, "--rm CHECKPOINT")):
-            if given is None and any(r.get("reward") == kind for r in prompts):
-                raise ValueError(f'{args.prompts}: prompts with "reward": "{kind}" need {flag}')
-        if not prompts:
-            raise ValueError(f"{args.prompts}: no usable prompts")
-    elif args.stage == "reasoning":
-        prompts = posttrain.rl_prompts(args.samples, args.seed + 1, **_task_filter(args))
-        if args.learnable:
-            kept = posttrain.learnable(resolve(args.model), prompts, args.learnable,
-                                       args.max_new_tokens, args.seed, temperature=args.temperature)
-            if len(kept) < args.prompts_per_step:
-                print(f"rl: only {len(kept)} learnable queries, fewer than --prompts-per-step "
-                      f"{args.prompts_per_step}: training on all {len(prompts)} (raise --samples to select)")
-            else:
-                prompts = kept
-    else:
-        prompts = posttrain.general_prompts(args.samples, args.seed + 2, judge is not None, reward_model is not None,
-                                            **_task_filter(args))
-    if not args.prompts:
-        print(f"prompts: {posttrain.write_jsonl(prompts, os.path.join(args.out, f'{args.stage}_prompts.jsonl'))}")
-    reference = load(resolve(args.model), device="cpu")[0] if args.kl_coef > 0 else None
-    config = GRPOConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
-                        iterations=args.iterations, micro_batch=args.micro_batch, clip_low=args.clip_low,
-                        clip_high=args.clip_high, kl_coef=args.kl_coef, resample=args.resample,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
-    path = run_grpo(model, tokenizer, prompts, args.out, args.steps, config, lr=args.lr, reference=reference,
-                    judge=judge, reward_model=reward_model, **_train_options(args))
-    print(f"rl {args.stage} done: {path}")
-
-
-def cmd_rm(args):
-    """Train a reward model (scalar head, Bradley-Terry) on preference pairs; built from rollouts without --pairs."""
-    import os
-    from .checkpoint import resolve
-    from .train import posttrain
-    from .train.reward_model import pairwise_accuracy, run_rm
-    model = resolve(args.model)
-    pairs = args.pairs
-    if not pairs:
-        pairs = posttrain.write_jsonl(posttrain.preference_pairs(model, args.samples, args.seed, **_task_filter(args)),
-                                      os.path.join(args.out, "pairs.jsonl"))
-    path = run_rm(model, pairs, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                  on_bad_line=args.on_bad_line, **_train_options(args))
-    print(f"rm done: {path}  (pairwise accuracy on its training pairs {pairwise_accuracy(path, pairs):.3f})")
-
-
-def cmd_distill(args):
-    """Strong-to-weak distillation: --mode off (SFT on the teacher's answers in both modes) or on (the student samples,
-    the teacher's distribution is the target)."""
-    import os
-    from .train import posttrain
-    from .train.distill import DistillConfig, run_off_policy, run_on_policy
-    from .train.rewards import check_messages
-    from .train.sft import read_jsonl
-    if args.prompts:
-        prompts = read_jsonl(args.prompts, check_messages, args.on_bad_line)
-    else:
-        prompts = posttrain.rl_prompts(args.samples, args.seed + 1, **_task_filter(args))
-        print(f"prompts: {posttrain.write_jsonl(prompts, os.path.join(args.out, 'distill_prompts.jsonl'))}")
-    if not prompts:
-        raise ValueError("no prompts to distill on")
-    if args.mode == "off":
-        path = run_off_policy(args.teacher, args.student, prompts, args.out, steps=args.steps,
-                              batch_size=args.batch_size, lr=args.lr or 1e-3, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, max_len=args.max_len, seed=args.seed,
-                              **_train_options(args))
-    else:
-        config = DistillConfig(divergence=args.divergence, beta=args.beta, top_k=args.top_k,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               think_fraction=args.think_fraction, seed=args.seed)
-        path = run_on_policy(args.teacher, args.student, prompts, args.out, steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr or 1e-4, config=config, **_train_options(args))
-    print(f"distill {args.mode}-policy done: {path}  (compute: {os.path.join(args.out, 'compute.json')})")
-
-
-def cmd_eval(args):
-    """Held-out accuracy (pass@1, pass@k, both modes), ThinkFollow, thinking length and the budget curve."""
-    from .train.evaluate import evaluate
-    budgets = () if args.budgets == "none" else tuple(None if b == "inf" else int(b) for b in args.budgets.split(","))
-    evaluate(args.model, n=args.samples, k=args.k, seed=args.seed, budgets=budgets,
-             max_new_tokens=args.max_new_tokens, out_dir=args.out or args.model, device=args.device,
-             **_task_filter(args))
-
-
-def _add_posttrain_parsers(sub) -> None:
-    def common(p, steps, batch_size, lr, samples, model=True):
+def _add_stage_parsers(sub) -> None:
+    from .train import STAGE_COMMANDS, stage_command
+    from .train.options import add_arguments
+    for command, (_, _, help_text) in STAGE_COMMANDS.items():
+        p = sub.add_parser(command, help=help_text)
         _one_line_errors(p)
-        if model:
-            p.add_argument("--model", required=True, help="checkpoint folder, or a run folder with a `latest` file")
-        p.add_argument("--out", required=True)
-        p.add_argument("--steps", type=_positive_int, default=steps)
-        p.add_argument("--lr", type=float, default=lr)
-        p.add_argument("--samples", type=_positive_int, default=samples, help="generated problems (no data file)")
-        p.add_argument("--tasks", default=None, help="task families, comma-separated (default: all)")
-        p.add_argument("--difficulty", default="1-5", help="N or LO-HI")
-        p.add_argument("--languages", default=None, help="comma-separated: en,zh,fr")
-        p.add_argument("--on-bad-line", choices=["skip", "error"], default="skip", help="malformed JSONL lines")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--log-every", type=_positive_int, default=10)
-        p.add_argument("--save-every", type=int, default=0)
-        p.add_argument("--no-progress", action="store_true")
-        if batch_size:
-            p.add_argument("--batch-size", type=_positive_int, default=batch_size)
-
-    p = sub.add_parser("sft", help="post-training SFT: long-CoT cold start or thinking-mode fusion")
-    common(p, 200, 16, 1e-3, 512)
-    p.add_argument("--stage", choices=["coldstart", "fusion"], required=True)
-    p.add_argument("--data", default=None, help="conversations JSONL (OpenAI messages); default: built from tasks")
-    p.add_argument("--max-len", type=_positive_int, default=1024)
-    p.add_argument("--no-filter", action="store_true", help="coldstart: keep queries the model answers directly")
-    p.add_argument("--resume", action="store_true")
-    p.set_defaults(func=cmd_sft)
-
-    p = sub.add_parser("rl", help="GRPO: reasoning RL or general RL")
-    common(p, 20, 0, 1e-4, 512)
-    p.add_argument("--stage", choices=["reasoning", "general"], required=True)
-    p.add_argument("--prompts", default=None, help="RL prompts JSONL (messages, verifier, answer); default: tasks")
-    p.add_argument("--judge", default=None, help="judge checkpoint for the model-based reward with a reference")
-    p.add_argument("--rm", default=None, help="reward model checkpoint (nanoqwen rm) for the reward without one")
-    p.add_argument("--prompts-per-step", type=_positive_int, default=8)
-    p.add_argument("--group-size", type=_positive_int, default=8)
-    p.add_argument("--iterations", type=_positive_int, default=2)
-    p.add_argument("--micro-batch", type=_positive_int, default=16)
-    p.add_argument("--clip-low", type=float, default=0.2)
-    p.add_argument("--clip-high", type=float, default=0.28)
-    p.add_argument("--kl-coef", type=float, default=0.0)
-    p.add_argument("--resample", type=int, default=0, metavar="R",
-                   help="up to R extra sampling rounds per step to replace groups whose rewards are all equal "
-                        "(DAPO's dynamic sampling)")
-    p.add_argument("--learnable", type=int, default=0, metavar="K",
-                   help="reasoning: keep generated queries the model solves in 1..K-1 of K samples (0: keep all)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.set_defaults(func=cmd_rl)
-
-    p = sub.add_parser("rm", help="train a reward model on preference pairs (Bradley-Terry)")
-    common(p, 100, 8, 3e-4, 256)
-    p.add_argument("--pairs", default=None, help="pairs JSONL (messages, chosen, rejected); default: from rollouts")
-    p.set_defaults(func=cmd_rm)
-
-    p = sub.add_parser("distill", help="strong-to-weak distillation: off-policy (SFT on teacher answers) or on-policy")
-    common(p, 100, 8, None, 256, model=False)
-    p.add_argument("--teacher", required=True, help="teacher checkpoint (or run folder)")
-    p.add_argument("--student", required=True, help="student checkpoint sharing the teacher's tokenizer, or a preset "
-                                                     "name (a fresh model with the teacher's tokenizer)")
-    p.add_argument("--mode", choices=["off", "on"], required=True,
-                   help="off: SFT on the teacher's answers in both modes; on: the student samples, KL to the teacher")
-    p.add_argument("--prompts", default=None, help="prompts JSONL (a 'messages' list each); default: task prompts")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--temperature", type=_number(float, lambda v: v >= 0, ">= 0"), default=None,
-                   help="sampling temperature (default: Qwen's recommendation for each mode)")
-    p.add_argument("--divergence", choices=["reverse", "forward", "jsd"], default="reverse", help="on-policy loss")
-    p.add_argument("--beta", type=_number(float, lambda v: 0 < v < 1, "in (0, 1)"), default=0.5,
-                   help="jsd: the mixture weight of the teacher (-> 0: forward KL, -> 1: reverse KL)")
-    p.add_argument("--top-k", type=_number(int, lambda v: v >= 0, ">= 0"), default=0,
-                   help="on-policy: compare over the teacher's top k tokens, renormalised (0: the whole vocabulary)")
-    p.add_argument("--think-fraction", type=_number(float, lambda v: 0 <= v <= 1, "in [0, 1]"), default=0.5,
-                   help="on-policy: share of prompts the student answers in thinking mode")
-    p.add_argument("--max-len", type=_positive_int, default=1024, help="off-policy: SFT truncation length")
-    p.set_defaults(func=cmd_distill)
-
-    p = sub.add_parser("eval", help="held-out accuracy, ThinkFollow and the thinking-budget curve")
-    _one_line_errors(p)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", default=None, help="folder for eval.json and budget.png (default: the model folder)")
-    p.add_argument("--samples", type=_positive_int, default=64, help="held-out problems")
-    p.add_argument("--k", type=_positive_int, default=4, help="samples per problem for pass@k")
-    p.add_argument("--budgets", default="0,16,32,64,128,inf", help="thinking budgets of the curve, or 'none'")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    p.add_argument("--tasks", default=None)
-    p.add_argument("--difficulty", default="1-5")
-    p.add_argument("--languages", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.set_defaults(func=cmd_eval)
+        add_arguments(p, stage_command(command)[1])
+        p.set_defaults(func=cmd_stage)
 
 
 def _number(kind, ok, requirement: str):
     """An argparse type: a number of `kind` for which ok(value) holds, else a one-line error."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-    return parse
+    from .train.options import number
+    return number(kind, (ok, requirement))
 
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -540,12 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_positive_int, default=None)
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("speedrun", help="the whole Qwen3 recipe on the embedded data, then a report card")
-    p.add_argument("--out", default="runs/out/speedrun", help="run folder (a rerun skips finished stages)")
-    p.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default="cpu",
-                   help="tiny: a few minutes (the test); cpu: <= 30 min on 2 cores; gpu: one GPU")
+    p = sub.add_parser("speedrun", help="the whole Qwen3 recipe on the embedded data in a time budget, then a report "
+                                        "card")
+    _one_line_errors(p)
+    p.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default=None,
+                   help="gpu (10 min) with a CUDA device, else cpu (30 min); tiny: every stage at its smallest (the "
+                        "test)")
+    p.add_argument("--minutes", type=_number(float, lambda v: v > 0, "a positive number"), default=None,
+                   help="the stages' time budget (default: the scale's); the models and every stage's size follow")
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    p.add_argument("--out", default=None, help="run folder (default: runs/out/speedrun-SCALE); a rerun skips "
+                                               "finished stages")
     p.add_argument("--launcher", default=None, help='pre-training launcher, e.g. "torchrun --nproc-per-node 8"')
     p.add_argument("--report-only", action="store_true", help="only (re)write the report card of OUT")
+    p.add_argument("--compare", default=None, metavar="OTHER", help="a run of the same recipe with another seed: the "
+                                                                     "card sets its findings beside OUT's")
     p.set_defaults(func=cmd_speedrun)
 
     p = sub.add_parser("demo", help="build, save, reload and run small dense and MoE models")
@@ -578,36 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("pretrain", help="one pre-training stage (1 general, 2 reasoning, 3 long context)")
-    _one_line_errors(p)
-    p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
-    p.add_argument("--preset", required=True, help="model preset (nano-* train their own tokenizer)")
-    p.add_argument("--out", default="runs/pretrain", help="run folder; stage N writes OUT/stageN")
-    p.add_argument("--resume", action="store_true", help="continue this stage from OUT/stageN/latest")
-    p.add_argument("--data", action="append", default=None,
-                   help="a corpus: .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG] (repeatable; "
-                        "default: the embedded task generators and prose)")
-    p.add_argument("--steps", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="rows per micro-batch per rank")
-    p.add_argument("--grad-accum", type=_positive_int, default=1)
-    p.add_argument("--seq-len", type=_positive_int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab-size", type=_positive_int, default=4096, help="trained tokenizer size (nano presets)")
-    p.add_argument("--tasks", default=None, help="embedded task families, comma-separated (default: all)")
-    p.add_argument("--difficulty", default=None, help="N or LO-HI (default: the stage's range)")
-    p.add_argument("--languages", default=None, help="comma-separated: en,zh,fr (default: all)")
-    p.add_argument("--parallel", choices=["fsdp", "ddp"], default="fsdp", help="under torchrun")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--log-every", type=_positive_int, default=10)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="log to wandb (when installed)")
-    p.add_argument("--tensorboard", action="store_true")
-    p.set_defaults(func=cmd_pretrain)
-
     p = sub.add_parser("tokenize", help="tokenise corpora into memory-mapped shards")
     _one_line_errors(p)
     p.add_argument("inputs", nargs="+", help=".txt/.jsonl/.parquet files or folders, or hf:NAME")
@@ -624,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-documents", type=_positive_int, default=100_000)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_tokenizer_train)
-    _add_posttrain_parsers(sub)
+    _add_stage_parsers(sub)
     return parser
 
 

@@ -271,7 +271,7 @@ def small_config(depth: int, vocab_size: int = 8192, moe: bool = False, max_posi
 
 
 SMALL_PRESETS = {f"nano-d{d}": dict(depth=d) for d in (2, 4, 6, 8, 12)} | \
-                {f"nano-moe-d{d}": dict(depth=d, moe=True) for d in (2, 4, 8)} | \
+                {f"nano-moe-d{d}": dict(depth=d, moe=True) for d in (2, 4, 6, 8, 12)} | \
                 {f"nano-next-d{d}": dict(depth=d, hybrid=True) for d in (4, 8)}
 PRESETS = sorted(_RELEASED) + sorted(SMALL_PRESETS)
 

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up .venv, then run the whole Qwen3 recipe on the embedded default data (no
-# downloads): tokenizer, pre-training S1 -> S2 -> S3, the four post-training stages for a teacher, off-policy and
-# on-policy distillation into a smaller student (and RL beside it), evaluation, and the report card.
-#   SCALE=cpu (default, about 35 min on 2 CPU cores) | tiny (minutes) | gpu (one GPU)     OUT=runs/out/speedrun
+# downloads) in a time budget: tokenizer, pre-training S1 -> S2 -> S3, the four post-training stages for a teacher,
+# off-policy and on-policy distillation into a smaller student (and RL beside it), evaluation, and the report card.
+#   SCALE=gpu (the default with a CUDA device: 10 minutes) | cpu (the default without: 30 minutes on 2 cores) | tiny
+#   MINUTES=N (the budget of the stages; the models and every stage's size follow)   SEED=0   OUT=runs/out/speedrun-SCALE
 # Running it again skips the stages that finished (an interrupted run continues where it stopped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash runs/setup.sh
-OUT=${OUT:-runs/out/speedrun}
 nq=.venv/bin/nanoqwen
-$nq speedrun --scale "${SCALE:-cpu}" --out "$OUT" ${LAUNCHER:+--launcher "$LAUNCHER"}
+SCALE=${SCALE:-$(.venv/bin/python -c "from nanoqwen.speedrun import default_scale; print(default_scale())")}
+OUT=${OUT:-runs/out/speedrun-$SCALE}
+$nq speedrun --scale "$SCALE" --out "$OUT" --seed "${SEED:-0}" ${MINUTES:+--minutes "$MINUTES"} \
+    ${LAUNCHER:+--launcher "$LAUNCHER"}
 MODEL="$OUT/general/$(cat "$OUT/general/latest")"
 echo
 echo "== The post-trained teacher answers a held-out problem (thinking, greedy):"

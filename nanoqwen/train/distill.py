@@ -37,6 +37,7 @@ from ..config import get_preset, padded_vocab_size
 from ..engine import encode_prompt, generate_batch, load
 from . import rewards
 from .posttrain import write_jsonl
+from .options import AT_LEAST_0, POSITIVE, UNIT, RunOptions, TaskOptions, model_lr, option
 from .sft import pad_batch, run_sft
 from .trainer import Compute, MeteredTrainer, TrainConfig
 
@@ -177,9 +178,9 @@ def teacher_conversations(teacher, tokenizer, prompts: list[dict], max_new_token
     return data
 
 
-def run_off_policy(teacher_path: str, student: str, prompts: list[dict], out: str, steps: int = 100,
-                   batch_size: int = 8, lr: float = 1e-3, max_new_tokens: int = 256, temperature: float | None = None,
-                   max_len: int = 1024, seed: int = 0, device=None, **train_options) -> str:
+def run_off_policy(teacher_path: str, student: str, prompts: list[dict], out: str, steps: int, batch_size: int,
+                   lr: float | None, max_new_tokens: int, temperature: float | None, max_len: int, seed: int = 0,
+                   device=None, **train_options) -> str:
     """Teacher answers in both modes -> OUT/distill_off.jsonl -> SFT of the student; returns its final checkpoint."""
     teacher_path = resolve(teacher_path)
     teacher, tokenizer = load(teacher_path, device=device)
@@ -199,12 +200,16 @@ def run_off_policy(teacher_path: str, student: str, prompts: list[dict], out: st
 
 @dataclass
 class DistillConfig:
-    divergence: str = "reverse"
-    beta: float = 0.5             # jsd only
-    top_k: int = 0                # 0: the whole vocabulary; k: the teacher's top k, renormalised
-    max_new_tokens: int = 256
-    temperature: float | None = None  # None: Qwen's recommended sampling for the mode
-    think_fraction: float = 0.5   # share of prompts sampled in thinking mode
+    divergence: str = option("reverse", "on-policy loss", choices=list(DIVERGENCES))
+    beta: float = option(0.5, "jsd: the mixture weight of the teacher (-> 0: forward KL, -> 1: reverse KL)",
+                         check=(lambda v: 0 < v < 1, "in (0, 1)"))
+    top_k: int = option(0, "on-policy: compare over the teacher's top k tokens, renormalised (0: the whole "
+                           "vocabulary)", check=AT_LEAST_0)
+    max_new_tokens: int = option(256, "longest answer (teacher and student)", check=POSITIVE)
+    temperature: float | None = option(None, "sampling temperature (default: Qwen's recommendation for each mode)",
+                                       type=float, check=AT_LEAST_0)
+    think_fraction: float = option(0.5, "on-policy: share of prompts the student answers in thinking mode",
+                                   check=UNIT)
     seed: int = 0
 
 
@@ -253,16 +258,15 @@ class OnPolicy:
         return distill_loss(student, teacher, mask, self.tokenizer.vocab_size, c.divergence, c.beta, c.top_k), mask.sum()
 
 
-def run_on_policy(teacher_path: str, student: str, prompts: list[dict], out: str, steps: int = 100,
-                  batch_size: int = 8, lr: float = 1e-4, config: DistillConfig | None = None, device=None,
-                  **train_options) -> str:
+def run_on_policy(teacher_path: str, student: str, prompts: list[dict], out: str, steps: int, batch_size: int,
+                  lr: float | None, config: DistillConfig, device=None, **train_options) -> str:
     """`steps` on-policy steps (sample, score, one optimizer step each); returns the final checkpoint folder."""
-    config = config or DistillConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher_path = resolve(teacher_path)
     teacher, tokenizer = load(teacher_path, device=device)
     student_path = prepare_student(student, teacher_path, tokenizer, out, config.seed)
     model = load(student_path, dtype=torch.float32, device="cpu")[0]
+    lr = model_lr(lr, model.config, nano=1e-4, released=1e-6)
     compute = Compute(out)
     source = OnPolicy(model, teacher.eval().requires_grad_(False), tokenizer, prompts, batch_size, config, compute)
     train = TrainConfig(out_dir=out, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
@@ -278,3 +282,42 @@ def run_on_policy(teacher_path: str, student: str, prompts: list[dict], out: str
     source.student = trainer.raw_model
     trainer.train()
     return latest_checkpoint(out)
+
+
+@dataclass(kw_only=True)
+class DistillOptions(RunOptions, TaskOptions, DistillConfig):
+    mode: str = option(help="off: SFT on the teacher's answers in both modes; on: the student samples, KL to the "
+                            "teacher", choices=["off", "on"])
+    teacher: str = option(help="teacher checkpoint (or run folder)")
+    student: str = option(help="student checkpoint sharing the teacher's tokenizer, or a preset name (a fresh model "
+                               "with the teacher's tokenizer)")
+    prompts: str | None = option(None, "prompts JSONL (a 'messages' list each); default: task prompts")
+    samples: int = option(256, "generated prompts (when no prompts file is given)", check=POSITIVE)
+    steps: int = option(100, "optimizer steps", check=POSITIVE)
+    batch_size: int = option(8, "off: conversations per step; on: answers sampled per step", check=POSITIVE)
+    lr: float | None = option(None, "learning rate (default off: 1e-3, on: 1e-4 for the nano presets; 2e-5 and 1e-6 "
+                                    "for released shapes)", type=float)
+    max_len: int = option(1024, "off-policy: SFT truncation length", check=POSITIVE)
+    on_bad_line: str = option("skip", "malformed JSONL lines", choices=["skip", "error"])
+
+
+def run(o: DistillOptions) -> str:
+    """A distillation stage from its options: the prompts (the file, or task prompts written to OUT), then the
+    off-policy or on-policy run."""
+    from dataclasses import fields
+    from . import posttrain
+    from .rewards import check_messages
+    from .sft import read_jsonl
+    if o.prompts:
+        prompts = read_jsonl(o.prompts, check_messages, o.on_bad_line)
+    else:
+        prompts = posttrain.rl_prompts(o.samples, o.seed + 1, **o.task_filter())
+        print(f"prompts: {write_jsonl(prompts, os.path.join(o.out, 'distill_prompts.jsonl'))}")
+    if not prompts:
+        raise ValueError("no prompts to distill on")
+    train = dict(device=o.device, log_every=o.log_every, progress=o.progress, save_every=o.save_every)
+    if o.mode == "off":
+        return run_off_policy(o.teacher, o.student, prompts, o.out, o.steps, o.batch_size, o.lr, o.max_new_tokens,
+                              o.temperature, o.max_len, o.seed, **train)
+    config = DistillConfig(**{f.name: getattr(o, f.name) for f in fields(DistillConfig)})
+    return run_on_policy(o.teacher, o.student, prompts, o.out, o.steps, o.batch_size, o.lr, config, **train)

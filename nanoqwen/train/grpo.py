@@ -31,26 +31,29 @@ import torch
 
 from ..engine import encode_prompt, generate_batch
 from . import rewards
+from .options import POSITIVE, RunOptions, TaskOptions, model_lr, option
 from .sft import pad_batch
 from .trainer import Compute, MeteredTrainer
 
 
 @dataclass
 class GRPOConfig:
-    prompts_per_step: int = 8
-    group_size: int = 8           # G answers per prompt
-    iterations: int = 2           # optimizer steps per rollout batch (>1 makes the ratio and its clipping matter)
-    micro_batch: int = 16         # rows per forward/backward
-    clip_low: float = 0.2
-    clip_high: float = 0.28       # DAPO's clip-higher; 0.2 is symmetric PPO clipping
-    kl_coef: float = 0.0          # KL to the reference (the starting weights); off by default, as in the report
-    eps: float = 1e-4             # in (r - mean) / (std + eps)
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    resample: int = 0             # extra sampling rounds to replace groups without reward spread (0: keep them)
-    format_weight: float = 0.2
+    prompts_per_step: int = option(8, "prompts per RL step", check=POSITIVE)
+    group_size: int = option(8, "G answers per prompt", check=POSITIVE)
+    iterations: int = option(2, "optimizer steps per rollout batch (>1 makes the ratio and its clipping matter)",
+                             check=POSITIVE)
+    micro_batch: int = option(16, "rows per forward/backward", check=POSITIVE)
+    clip_low: float = option(0.2, "the ratio is clipped to [1 - clip_low, 1 + clip_high]")
+    clip_high: float = option(0.28, "DAPO's clip-higher; 0.2 is symmetric PPO clipping")
+    kl_coef: float = option(0.0, "KL to the reference (the starting weights); off by default, as in the report")
+    eps: float = option(1e-4, "in (r - mean) / (std + eps)", cli=False)
+    max_new_tokens: int = option(256, "longest answer", check=POSITIVE)
+    temperature: float = option(1.0, "rollout sampling temperature")
+    top_p: float = option(1.0, "rollout top-p", cli=False)
+    top_k: int = option(0, "rollout top-k (0: off)", cli=False)
+    resample: int = option(0, "up to R extra sampling rounds per step to replace groups whose rewards are all equal "
+                              "(DAPO's dynamic sampling)", metavar="R")
+    format_weight: float = option(0.2, "reward bonus for a well-formed think block", cli=False)
     seed: int = 0
 
 
@@ -211,11 +214,12 @@ class GRPO:
         self.pending, self.loss_stats = None, []
 
 
-def run_grpo(model, tokenizer, prompts: list[dict], out: str, steps: int, config: GRPOConfig, lr: float = 1e-5,
+def run_grpo(model, tokenizer, prompts: list[dict], out: str, steps: int, config: GRPOConfig, lr: float | None,
              reference=None, judge=None, reward_model=None, device=None, **train_options) -> str:
     """`steps` RL steps (each `iterations` optimizer steps) from `model`; returns the final checkpoint folder."""
     from ..checkpoint import latest_checkpoint
     from .trainer import TrainConfig
+    lr = model_lr(lr, model.config, nano=1e-4, released=1e-6)
     compute = Compute(out)
     grpo = GRPO(model, tokenizer, prompts, config, out, reference, judge, reward_model, compute)
     train = TrainConfig(out_dir=out, steps=steps * config.iterations, batch_size=grpo.micro_batch,
@@ -231,3 +235,70 @@ def run_grpo(model, tokenizer, prompts: list[dict], out: str, steps: int, config
     trainer.train()
     grpo.log_previous()
     return latest_checkpoint(out)
+
+
+@dataclass(kw_only=True)
+class RLOptions(RunOptions, TaskOptions, GRPOConfig):
+    stage: str = option(help="reasoning (verifier + format rewards) or general (rule, judge and reward-model "
+                             "rewards)", choices=["reasoning", "general"])
+    model: str = option(help="checkpoint folder, or a run folder with a `latest` file")
+    prompts: str | None = option(None, "RL prompts JSONL (messages, verifier, answer); default: tasks")
+    judge: str | None = option(None, "judge checkpoint for the model-based reward with a reference")
+    rm: str | None = option(None, "reward model checkpoint (nanoqwen rm) for the reward without one")
+    steps: int = option(20, "RL steps (each `iterations` optimizer steps)", check=POSITIVE)
+    lr: float | None = option(None, "learning rate (default: 1e-4 for the nano presets, 1e-6 for released shapes)",
+                              type=float)
+    learnable: int = option(0, "reasoning: keep generated queries the model solves in 1..K-1 of K samples "
+                               "(0: keep all)", metavar="K")
+    max_flops: float | None = option(None, "stop once the run has spent this many FLOPs (compute-matched "
+                                           "comparisons; the LR is constant, so an early stop changes nothing else)",
+                                     type=float)
+    on_bad_line: str = option("skip", "malformed JSONL lines", choices=["skip", "error"])
+
+
+def rl_prompts_for(o: RLOptions, judge, reward_model) -> list[dict]:
+    """The stage's prompts: the file (checked line by line), or task prompts, for reasoning RL narrowed to the
+    learnable ones when --learnable is set."""
+    from ..checkpoint import resolve
+    from . import posttrain
+    from .sft import read_jsonl
+    if o.prompts:
+        prompts = read_jsonl(o.prompts, rewards.check_record, o.on_bad_line)
+        for kind, given, flag in (("judge", judge, "--judge CHECKPOINT"), ("rm", reward_model, "--rm CHECKPOINT")):
+            if given is None and any(r.get("reward") == kind for r in prompts):
+                raise ValueError(f'{o.prompts}: prompts with "reward": "{kind}" need {flag}')
+        if not prompts:
+            raise ValueError(f"{o.prompts}: no usable prompts")
+        return prompts
+    if o.stage == "general":
+        prompts = posttrain.general_prompts(o.samples, o.seed + 2, judge is not None, reward_model is not None,
+                                            **o.task_filter())
+    else:
+        prompts = posttrain.rl_prompts(o.samples, o.seed + 1, **o.task_filter())
+        if o.learnable:
+            kept = posttrain.learnable(resolve(o.model), prompts, o.learnable, o.max_new_tokens, o.seed,
+                                       device=o.device, temperature=o.temperature)
+            if len(kept) < o.prompts_per_step:
+                print(f"rl: only {len(kept)} learnable queries, fewer than --prompts-per-step "
+                      f"{o.prompts_per_step}: training on all {len(prompts)} (raise --samples to select)")
+            else:
+                prompts = kept
+    print(f"prompts: {posttrain.write_jsonl(prompts, os.path.join(o.out, f'{o.stage}_prompts.jsonl'))}")
+    return prompts
+
+
+def run(o: RLOptions) -> str:
+    """An RL stage from its options: the policy (and judge, reward model, reference), the prompts, then GRPO."""
+    from dataclasses import fields
+    from ..checkpoint import resolve
+    from ..engine import load
+    from .reward_model import RewardModel
+    model, tokenizer = load(resolve(o.model), dtype=torch.float32, device="cpu")  # the Trainer moves it
+    judge = load(resolve(o.judge), device=o.device)[0] if o.judge else None
+    reward_model = RewardModel(resolve(o.rm), device=o.device) if o.rm else None
+    prompts = rl_prompts_for(o, judge, reward_model)
+    reference = load(resolve(o.model), device=o.device)[0] if o.kl_coef > 0 else None
+    config = GRPOConfig(**{f.name: getattr(o, f.name) for f in fields(GRPOConfig)})
+    return run_grpo(model, tokenizer, prompts, o.out, o.steps, config, lr=o.lr, reference=reference, judge=judge,
+                    reward_model=reward_model, device=o.device, log_every=o.log_every, progress=o.progress,
+                    save_every=o.save_every, max_flops=o.max_flops)

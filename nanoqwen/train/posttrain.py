@@ -52,12 +52,13 @@ def solves(model, tokenizer, records: list[dict], enable_thinking: bool, samples
     return [sum(hits[i * samples:(i + 1) * samples]) / samples for i in range(len(records))]
 
 
-def coldstart_data(model_path: str, n: int, seed: int = 0, filter_queries: bool = True, **task_filter) -> list[dict]:
+def coldstart_data(model_path: str, n: int, seed: int = 0, filter_queries: bool = True, device=None,
+                   **task_filter) -> list[dict]:
     """Stage 1: thinking traces from the generators. Keep queries the current model cannot answer without thinking,
     traces whose final answer verifies, and traces without repeated lines."""
     examples = sample_examples(n, "train", seed, **task_filter)
     if filter_queries:
-        model, tokenizer = load(model_path, device="cpu")
+        model, tokenizer = load(model_path, device=device)
         solved = solves(model, tokenizer, [task_record(ex) for ex in examples], enable_thinking=False,
                         max_new_tokens=64, temperature=0.0, seed=seed)
         kept = [ex for ex, s in zip(examples, solved) if s == 0]
@@ -79,10 +80,10 @@ def rl_prompts(n: int, seed: int = 1, **task_filter) -> list[dict]:
 
 
 def learnable(model_path: str, records: list[dict], samples: int = 4, max_new_tokens: int = 256, seed: int = 0,
-              **sampling) -> list[dict]:
+              device=None, **sampling) -> list[dict]:
     """The report's selection of RL queries: those the current model solves sometimes but not always (0 < hits <
     samples over `samples` thinking answers), so every GRPO group has a reward spread to learn from."""
-    model, tokenizer = load(model_path, device="cpu")
+    model, tokenizer = load(model_path, device=device)
     rates = solves(model, tokenizer, records, enable_thinking=True, samples=samples, max_new_tokens=max_new_tokens,
                    seed=seed, **sampling)
     kept = [r for r, rate in zip(records, rates) if 0 < rate < 1]
@@ -92,13 +93,13 @@ def learnable(model_path: str, records: list[dict], samples: int = 4, max_new_to
 
 
 def fusion_data(model_path: str, n: int, seed: int = 0, samples: int = 4, multi_turn: float = 0.3,
-                unflagged: float = 0.2, **task_filter) -> list[dict]:
+                unflagged: float = 0.2, device=None, **task_filter) -> list[dict]:
     """Stage 3: thinking answers rejection-sampled from the stage-2 model on stage-1 queries (the generator's verified
     trace where no sample verifies), direct answers with the empty think block, /think and /no_think in user or
     system turns, multi-turn dialogues whose flag switches."""
     rng = random.Random(seed)
     examples = sample_examples(n, "train", seed, **task_filter)  # the stage-1 queries (same seed)
-    model, tokenizer = load(model_path, device="cpu")
+    model, tokenizer = load(model_path, device=device)
     prompts = [task_record(ex)["messages"] for ex in examples for _ in range(samples)]
     results = generate_batch(model, tokenizer, prompts, max_new_tokens=256, seed=seed, progress="fusion samples")
     sampled = {}  # example index -> first verified, well-formed thinking answer
@@ -175,10 +176,11 @@ def general_prompts(n: int, seed: int = 2, judge: bool = False, reward_model: bo
     return records
 
 
-def preference_pairs(model_path: str, n: int, seed: int = 3, samples: int = 4, **task_filter) -> list[dict]:
+def preference_pairs(model_path: str, n: int, seed: int = 3, samples: int = 4, device=None,
+                     **task_filter) -> list[dict]:
     """Reward-model data: per prompt, a verified-correct rollout (chosen) against an incorrect one (rejected). When
     no rollout of a prompt verifies, the generator's reference trace is the chosen answer."""
-    model, tokenizer = load(model_path, device="cpu")
+    model, tokenizer = load(model_path, device=device)
     examples = sample_examples(n, "train", seed, **task_filter)
     records = [task_record(ex) for ex in examples]
     prompts = [r["messages"] for r in records for _ in range(samples)]

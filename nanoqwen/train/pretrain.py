@@ -24,6 +24,7 @@ from .. import data
 from ..checkpoint import latest_checkpoint, load_model
 from ..config import get_preset, padded_vocab_size
 from ..tokenizer import load_tokenizer, train_tokenizer
+from .options import AT_LEAST_0, POSITIVE, RunOptions, option
 from .parallelize import init_distributed, is_distributed
 from .trainer import TrainConfig, Trainer
 
@@ -96,74 +97,109 @@ def build_tokenizer(preset: str, out: str, vocab_size: int, corpora, seed: int, 
     return load_tokenizer(path)
 
 
-def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: int | None = None,
-              batch_size: int | None = None, grad_accum: int = 1, seq_len: int | None = None, lr: float | None = None,
-              corpora=(), seed: int = 0, vocab_size: int = 4096, task_filter: dict | None = None,
-              **train_options) -> str:
-    """Train one stage; returns the path of its final checkpoint (an HF model folder). task_filter: tasks,
-    difficulty and languages of the embedded task families (as `iter_examples` takes them)."""
-    task_filter = task_filter or {}
-    if stage not in STAGES:
-        raise ValueError(f"--stage must be 1, 2 or 3, got {stage}")
-    s, small = STAGES[stage], preset.startswith("nano")
-    limit = get_preset(preset).max_position_embeddings  # an unknown preset fails here, with the known ones
-    for path in corpora:
+@dataclass(kw_only=True)
+class PretrainOptions(RunOptions):
+    stage: int = option(help="1 general, 2 reasoning, 3 long context", choices=[1, 2, 3])
+    preset: str = option(help="model preset (nano-* train their own tokenizer)")
+    out: str = option("runs/pretrain", "run folder; stage N writes OUT/stageN")
+    resume: bool = option(False, "continue this stage from OUT/stageN/latest")
+    data: list = option((), "a corpus: .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG] (repeatable; "
+                            "default: the embedded task generators and prose)", append=True)
+    steps: int | None = option(None, "optimizer steps (default: the stage's budget for small presets)",
+                               type=int, check=POSITIVE)
+    batch_size: int | None = option(None, "rows per micro-batch per rank", type=int, check=POSITIVE)
+    grad_accum: int = option(1, "micro-batches per optimizer step", check=POSITIVE)
+    seq_len: int | None = option(None, "tokens per row (default: the stage's)", type=int, check=POSITIVE)
+    lr: float | None = option(None, "peak learning rate (default: by model size, see learning_rate)", type=float)
+    vocab_size: int = option(4096, "trained tokenizer size (nano presets)", check=POSITIVE)
+    tasks: str | None = option(None, "embedded task families, comma-separated (default: all)")
+    difficulty: str | None = option(None, "N or LO-HI (default: the stage's range)")
+    languages: str | None = option(None, "comma-separated: en,zh,fr (default: all)")
+    parallel: str = option("fsdp", "under torchrun", choices=["fsdp", "ddp"])
+    compile: bool = option(False, "torch.compile the model")
+    activation_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    eval_every: int = option(0, "held-out loss every N steps (0: at the end)", check=AT_LEAST_0)
+    wandb: str | None = option(None, "log to wandb (when installed)", metavar="PROJECT")
+    tensorboard: bool = option(False, "log to tensorboard (when installed)")
+
+    def task_filter(self) -> dict:
+        from ..tasks import parse_filter
+        return parse_filter(self.tasks, self.difficulty, self.languages)
+
+
+def learning_rate(stage: int, config, small: bool) -> float:
+    """The peak LR of a stage: 3e-3 for hidden sizes up to 512, 1e-3 above (small presets), 3e-4 for released
+    shapes; times the stage's lr_scale."""
+    return ((3e-3 if config.hidden_size <= 512 else 1e-3) if small else 3e-4) * STAGES[stage].lr_scale
+
+
+def run(o: PretrainOptions) -> str:
+    """Train one stage; returns the path of its final checkpoint (an HF model folder)."""
+    if o.stage not in STAGES:
+        raise ValueError(f"--stage must be 1, 2 or 3, got {o.stage}")
+    s, small, task_filter = STAGES[o.stage], o.preset.startswith("nano"), o.task_filter()
+    limit = get_preset(o.preset).max_position_embeddings  # an unknown preset fails here, with the known ones
+    for path in o.data:
         data.corpus_files(path) if not path.startswith("hf:") else None  # a missing path fails now, in one line
     rank, world_size, device = init_distributed()
-    stage_dir = os.path.join(out, f"stage{stage}")
-    seq_len = seq_len or stage_seq_len(stage, preset)
+    device = torch.device(o.device) if o.device and world_size == 1 else device
+    stage_dir = os.path.join(o.out, f"stage{o.stage}")
+    seq_len = o.seq_len or stage_seq_len(o.stage, o.preset)
     if seq_len > limit:
         raise ValueError(f"sequence length {seq_len} is above the model's limit (max_position_embeddings {limit})")
-    batch_size = batch_size or (max(1, 4096 // seq_len) if small else 1)
-    steps = steps or (s.steps if small else 10_000)
-    resume_from = latest_checkpoint(stage_dir) if resume else None
-    if resume and resume_from is None:
+    batch_size = o.batch_size or (max(1, 4096 // seq_len) if small else 1)
+    steps = o.steps or (s.steps if small else 10_000)
+    resume_from = latest_checkpoint(stage_dir) if o.resume else None
+    if o.resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {stage_dir}")
 
     # the model: stage 1 from scratch, later stages from the previous stage's final weights
     if rank == 0:
-        tokenizer = build_tokenizer(preset, out, vocab_size, corpora, seed, task_filter)
+        tokenizer = build_tokenizer(o.preset, o.out, o.vocab_size, o.data, o.seed, task_filter)
     _barrier()
-    tokenizer = build_tokenizer(preset, out, vocab_size, corpora, seed, task_filter) if rank else tokenizer
-    if stage == 1:
+    tokenizer = build_tokenizer(o.preset, o.out, o.vocab_size, o.data, o.seed, task_filter) if rank else tokenizer
+    if o.stage == 1:
         overrides = dict(vocab_size=padded_vocab_size(tokenizer.vocab_size)) if small else {}
-        torch.manual_seed(seed)
-        model = load_model(preset, rope_theta=10_000.0, **overrides)
+        torch.manual_seed(o.seed)
+        model = load_model(o.preset, rope_theta=10_000.0, **overrides)
     else:
-        previous = latest_checkpoint(os.path.join(out, f"stage{stage - 1}"))
+        previous = latest_checkpoint(os.path.join(o.out, f"stage{o.stage - 1}"))
         if previous is None:
-            raise FileNotFoundError(f"stage {stage} starts from stage {stage - 1}: no checkpoint in "
-                                    f"{os.path.join(out, f'stage{stage - 1}')} (run --stage {stage - 1} first)")
+            raise FileNotFoundError(f"stage {o.stage} starts from stage {o.stage - 1}: no checkpoint in "
+                                    f"{os.path.join(o.out, f'stage{o.stage - 1}')} (run --stage {o.stage - 1} first)")
         model = load_model(previous, dtype=torch.float32)
         if s.abf_factor != 1.0:  # ABF: raise the RoPE base; it is saved with the config
             model.config.rope_theta *= s.abf_factor
             model.to(torch.float32)  # re-derives the RoPE frequencies from the config
 
     # the data: tokenised once into shards (rank 0), then memory-mapped by every rank
-    tokens_needed = steps * grad_accum * batch_size * world_size * seq_len
-    if rank == 0 and not (resume and os.path.exists(os.path.join(stage_dir, "data", "train", "meta.json"))):
-        if not resume:
+    tokens_needed = steps * o.grad_accum * batch_size * world_size * seq_len
+    if rank == 0 and not (o.resume and os.path.exists(os.path.join(stage_dir, "data", "train", "meta.json"))):
+        if not o.resume:
             shutil.rmtree(stage_dir, ignore_errors=True)
         for split, budget in (("train", int(tokens_needed * 1.05) + seq_len), ("test", 8 * batch_size * seq_len)):
-            data.write_shards(documents(stage, split, seed, tokenizer, seq_len, corpora, **task_filter), tokenizer,
-                              os.path.join(stage_dir, "data", split), max_tokens=budget)
+            data.write_shards(documents(o.stage, split, o.seed, tokenizer, seq_len, o.data, **task_filter),
+                              tokenizer, os.path.join(stage_dir, "data", split), max_tokens=budget)
     _barrier()
     whole = s.mix == "long"  # long documents are seen whole, never cut across rows
-    loader = data.PackedLoader(os.path.join(stage_dir, "data", "train"), batch_size, seq_len, seed, rank, world_size,
-                               whole_documents=whole)
-    held_out = data.PackedLoader(os.path.join(stage_dir, "data", "test"), batch_size, seq_len, seed, rank, world_size,
-                                 whole_documents=whole)
+    loader = data.PackedLoader(os.path.join(stage_dir, "data", "train"), batch_size, seq_len, o.seed, rank,
+                               world_size, whole_documents=whole)
+    held_out = data.PackedLoader(os.path.join(stage_dir, "data", "test"), batch_size, seq_len, o.seed, rank,
+                                 world_size, whole_documents=whole)
     eval_batches = [held_out.next_batch() for _ in range(4)]
 
-    peak_lr = lr or ((3e-3 if model.config.hidden_size <= 512 else 1e-3) if small else 3e-4) * s.lr_scale
-    config = TrainConfig(out_dir=stage_dir, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=peak_lr,
+    peak_lr = o.lr or learning_rate(o.stage, model.config, small)
+    config = TrainConfig(out_dir=stage_dir, steps=steps, batch_size=batch_size, grad_accum=o.grad_accum, lr=peak_lr,
                          warmup_steps=int(s.warmup * steps), schedule=s.schedule, decay_fraction=s.decay_fraction,
-                         min_lr_ratio=s.min_lr_ratio, seed=seed, **train_options)
+                         min_lr_ratio=s.min_lr_ratio, seed=o.seed, compile=o.compile,
+                         activation_checkpointing=o.activation_checkpointing, parallel=o.parallel,
+                         log_every=o.log_every, eval_every=o.eval_every, save_every=o.save_every,
+                         progress=o.progress, wandb_project=o.wandb, tensorboard=o.tensorboard)
     if rank == 0:
-        print(f"stage {stage} ({s.mix}): {preset}, {model.config.num_parameters():,} parameters, seq {seq_len}, "
-              f"global batch {batch_size * grad_accum * world_size} rows, {steps} steps, peak lr {peak_lr:.1e}, "
+        print(f"stage {o.stage} ({s.mix}): {o.preset}, {model.config.num_parameters():,} parameters, seq {seq_len}, "
+              f"global batch {batch_size * o.grad_accum * world_size} rows, {steps} steps, peak lr {peak_lr:.1e}, "
               f"rope_theta {model.config.rope_theta:,.0f}, {world_size} rank(s) on {device.type}")
-    random.seed(seed)
+    random.seed(o.seed)
     trainer = Trainer(model, config, loader, eval_batches, tokenizer=tokenizer, device=device, resume_from=resume_from)
     trainer.train()
     return latest_checkpoint(stage_dir)

@@ -9,13 +9,17 @@ Pairs: JSONL {"messages": [prompt turns], "chosen": "<think>...</think>\\n\\nAns
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..checkpoint import latest_checkpoint
 from ..engine import encode_prompt, load
+from .options import POSITIVE, RunOptions, TaskOptions, model_lr, option
 from .sft import read_jsonl
-from .trainer import TrainConfig, Trainer
+from .trainer import Compute, MeteredTrainer, TrainConfig
 
 REWARD_TOKEN = "<|box_start|>"  # a vision token: never produced or read in text chats
 
@@ -49,7 +53,7 @@ class RewardModel:
     """Scores responses for GRPO (the "rm" reward kind)."""
 
     def __init__(self, path: str, device=None):
-        self.model, self.tokenizer = load(path, dtype=torch.float32, device=device or "cpu")
+        self.model, self.tokenizer = load(path, dtype=torch.float32, device=device)
         self.reward_id = self.tokenizer.token_to_id(REWARD_TOKEN)
 
     @torch.no_grad()
@@ -86,10 +90,11 @@ class PairBatches:
         return dict(input_ids=input_ids, labels=labels, last=torch.tensor([len(r) - 1 for r in rows]))
 
 
-def run_rm(model_path: str, pairs_file: str, out: str, steps: int = 100, batch_size: int = 8, lr: float = 1e-4,
+def run_rm(model_path: str, pairs_file: str, out: str, steps: int, batch_size: int, lr: float | None,
            on_bad_line: str = "skip", device=None, **train_options) -> str:
     """Train a reward model from a policy checkpoint on preference pairs; returns its checkpoint folder."""
     model, tokenizer = load(model_path, dtype=torch.float32, device="cpu")
+    lr = model_lr(lr, model.config, nano=3e-4, released=1e-5)
     reward_id = tokenizer.token_to_id(REWARD_TOKEN)
     records = read_jsonl(pairs_file, check_pair, on_bad_line)
     if not records:
@@ -105,16 +110,43 @@ def run_rm(model_path: str, pairs_file: str, out: str, steps: int = 100, batch_s
     config = TrainConfig(out_dir=out, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
                          weight_decay=0.0, **train_options)
     print(f"rm: {len(pairs)} preference pairs, {steps} steps of {batch_size} pairs, lr {lr:.1e}")
-    Trainer(model, config, PairBatches(pairs, batch_size, tokenizer.pad_token_id), loss_fn=loss_fn,
-            tokenizer=tokenizer, device=device).train()
+    MeteredTrainer(model, config, PairBatches(pairs, batch_size, tokenizer.pad_token_id), loss_fn=loss_fn,
+                   tokenizer=tokenizer, device=device, compute=Compute(out)).train()  # the pairs' rollouts: not counted
     return latest_checkpoint(out)
 
 
 @torch.no_grad()
-def pairwise_accuracy(path: str, pairs_file: str) -> float:
+def pairwise_accuracy(path: str, pairs_file: str, device=None) -> float:
     """How often the reward model scores the chosen response above the rejected one."""
-    rm = RewardModel(path)
+    rm = RewardModel(path, device)
     records = read_jsonl(pairs_file, check_pair)
     wins = sum(rm.score(None, r["messages"], r["chosen"]) > rm.score(None, r["messages"], r["rejected"])
                for r in records)
     return wins / max(1, len(records))
+
+
+@dataclass(kw_only=True)
+class RMOptions(RunOptions, TaskOptions):
+    model: str = option(help="the policy checkpoint the reward model starts from (or a run folder)")
+    pairs: str | None = option(None, "pairs JSONL (messages, chosen, rejected); default: from the model's rollouts")
+    samples: int = option(256, "prompts whose rollouts make pairs (when no pairs file is given)", check=POSITIVE)
+    steps: int = option(100, "optimizer steps", check=POSITIVE)
+    batch_size: int = option(8, "pairs per step", check=POSITIVE)
+    lr: float | None = option(None, "learning rate (default: 3e-4 for the nano presets, 1e-5 for released shapes)",
+                              type=float)
+    on_bad_line: str = option("skip", "malformed JSONL lines", choices=["skip", "error"])
+
+
+def run(o: RMOptions) -> str:
+    """The reward-model stage: pairs (the file, or correct-vs-wrong rollouts of the model), then Bradley-Terry."""
+    from ..checkpoint import resolve
+    from . import posttrain
+    model, pairs = resolve(o.model), o.pairs
+    if not pairs:
+        pairs = posttrain.write_jsonl(posttrain.preference_pairs(model, o.samples, o.seed, device=o.device,
+                                                                 **o.task_filter()),
+                                      os.path.join(o.out, "pairs.jsonl"))
+    path = run_rm(model, pairs, o.out, steps=o.steps, batch_size=o.batch_size, lr=o.lr, on_bad_line=o.on_bad_line,
+                  device=o.device, log_every=o.log_every, progress=o.progress, save_every=o.save_every)
+    print(f"rm done: {path}  (pairwise accuracy on its training pairs {pairwise_accuracy(path, pairs, o.device):.3f})")
+    return path

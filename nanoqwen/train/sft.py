@@ -10,13 +10,16 @@ Every step's tokens and FLOPs are counted (trainer.Compute / MeteredTrainer) int
 """
 from __future__ import annotations
 
+import os
 import random
+from dataclasses import dataclass
 
 import torch
 
 from ..checkpoint import latest_checkpoint
 from ..data import iter_jsonl
 from ..engine import load
+from .options import POSITIVE, RunOptions, TaskOptions, model_lr, option
 from .trainer import Compute, MeteredTrainer, TrainConfig
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -101,12 +104,12 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     return dict(input_ids=input_ids, labels=labels)
 
 
-def run_sft(model_path: str, records: list[dict], out: str, steps: int = 100, batch_size: int = 8, lr: float = 3e-4,
-            max_len: int = 1024, seed: int = 0, resume: bool = False, device=None, compute: Compute | None = None,
-            **train_options) -> str:
+def run_sft(model_path: str, records: list[dict], out: str, steps: int, batch_size: int, lr: float | None, max_len: int,
+            seed: int = 0, resume: bool = False, device=None, compute: Compute | None = None, **train_options) -> str:
     """Fine-tune the checkpoint at model_path on conversations; returns the final checkpoint folder. `compute`
     carries what producing the data cost (e.g. a teacher's generation); OUT/compute.json gets the totals."""
     model, tokenizer = load(model_path, dtype=torch.float32, device="cpu")
+    lr = model_lr(lr, model.config, nano=1e-3, released=2e-5)
     examples = [encode_conversation(tokenizer, r, max_len) for r in records]
     examples = [e for e in examples if any(t != -100 for t in e[1][1:])]
     if not examples:
@@ -120,3 +123,37 @@ def run_sft(model_path: str, records: list[dict], out: str, steps: int = 100, ba
                    resume_from=latest_checkpoint(out) if resume else None,
                    compute=compute or Compute(out, resume)).train()
     return latest_checkpoint(out)
+
+
+@dataclass(kw_only=True)
+class SFTOptions(RunOptions, TaskOptions):
+    stage: str = option(help="coldstart (long-CoT traces) or fusion (/think + /no_think mix)",
+                        choices=["coldstart", "fusion"])
+    model: str = option(help="checkpoint folder, or a run folder with a `latest` file")
+    data: str | None = option(None, "conversations JSONL (OpenAI messages); default: built from tasks")
+    steps: int = option(200, "optimizer steps", check=POSITIVE)
+    batch_size: int = option(16, "conversations per step", check=POSITIVE)
+    lr: float | None = option(None, "peak learning rate, cosine to a tenth after a 10%% warmup (default: 1e-3 for "
+                                    "the nano presets, 2e-5 for released shapes)", type=float)
+    max_len: int = option(1024, "tokens per conversation (longer ones are cut)", check=POSITIVE)
+    filter: bool = option(True, "coldstart: keep queries the model answers directly", flag="--no-filter")
+    on_bad_line: str = option("skip", "malformed JSONL lines", choices=["skip", "error"])
+    resume: bool = option(False, "continue from OUT/latest")
+
+
+def run(o: SFTOptions) -> str:
+    """An SFT stage from its options: the data (the file, or built from the tasks and written to OUT), then training."""
+    from ..checkpoint import resolve
+    from . import posttrain
+    model = resolve(o.model)
+    if o.data:
+        records = read_jsonl(o.data, on_bad_line=o.on_bad_line)
+    elif o.stage == "coldstart":
+        records = posttrain.coldstart_data(model, o.samples, o.seed, o.filter, device=o.device, **o.task_filter())
+    else:
+        records = posttrain.fusion_data(model, o.samples, o.seed, device=o.device, **o.task_filter())
+    if not o.data:
+        print(f"data: {posttrain.write_jsonl(records, os.path.join(o.out, f'{o.stage}.jsonl'))}")
+    return run_sft(model, records, o.out, steps=o.steps, batch_size=o.batch_size, lr=o.lr, max_len=o.max_len,
+                   seed=o.seed, resume=o.resume, device=o.device, log_every=o.log_every, progress=o.progress,
+                   save_every=o.save_every)

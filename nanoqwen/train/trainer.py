@@ -48,9 +48,8 @@ import torch.distributed as dist
 
 from ..checkpoint import atomic_write, load_model, model_class, save_model
 from ..model import ExpertCounter, Qwen3ForCausalLM
+from ..hardware import device_peak
 from .parallelize import is_distributed, parallelize
-
-PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16; MFU is not reported on CPU
 
 
 @dataclass
@@ -79,6 +78,7 @@ class TrainConfig:
     progress: bool = True        # tqdm bar on rank 0
     wandb_project: str | None = None
     tensorboard: bool = False
+    max_flops: float | None = None  # MeteredTrainer: stop once the run's compute reaches this (compute-matched runs)
 
 
 def lr_multiplier(step: int, c: TrainConfig) -> float:
@@ -207,17 +207,19 @@ class Trainer:
     # --- the loop ---
     def train(self) -> list[dict]:
         c, main = self.config, self.rank == 0
-        fpt, peak = None, PEAK_FLOPS.get(self.device.type)
+        fpt, peak = None, device_peak(self.device)
         bar = _progress_bar(c.steps, self.step) if main and c.progress else None
         loggers = _experiment_loggers(c) if main else []
         started, start_step = time.perf_counter(), self.step
-        while self.step < c.steps:
+        while self.step < c.steps and not self.budget_spent():
             record = self.train_step()
             if fpt is None:
                 fpt = flops_per_token(self.raw_model.config, self.seq_len)
             record["tok_per_s"] = record["tokens"] / record["dt"]
-            record["mfu"] = record["tok_per_s"] * fpt / peak / self.world_size if peak else None
-            at_end = self.step == c.steps
+            record.setdefault("flops", record["tokens"] * fpt)  # MeteredTrainer's already count generation too
+            record["mfu"] = record["tok_per_s"] * fpt / peak[1] / self.world_size if peak else None
+            record["time"] = time.time()  # wall clock: when the step ended (a stage's time to first step)
+            at_end = self.step == c.steps or self.budget_spent()
             if (c.eval_every and self.step % c.eval_every == 0) or at_end:
                 record["val_loss"] = self.evaluate()
             self.history.append(record)
@@ -232,6 +234,10 @@ class Trainer:
         for logger in loggers:
             logger.close()
         return self.history
+
+    def budget_spent(self) -> bool:
+        """Whether a compute budget (MeteredTrainer's max_flops) ends the run before its last step."""
+        return False
 
     def _log(self, r: dict, bar, loggers, started: float, start_step: int) -> None:
         c = self.config
@@ -497,6 +503,9 @@ class MeteredTrainer(Trainer):
             self.train_iter = source
         self.compute.train(self.raw_model.config, shapes)
         return record | self.compute.step(self.world_size, write=self.rank == 0)
+
+    def budget_spent(self) -> bool:
+        return self.config.max_flops is not None and self.compute.totals["flops"] >= self.config.max_flops
 
 
 def _recording_shapes(batches, shapes: list):
