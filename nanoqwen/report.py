@@ -11,6 +11,7 @@ import os
 import platform
 import time
 
+from .atomic import atomic_write
 from .checkpoint import latest_checkpoint
 
 POST_STAGES = ("coldstart", "rl", "fusion", "general")
@@ -64,9 +65,7 @@ def base_checks(out: str, s: dict) -> dict:
             name: dict(loss=evaluate.loss_at_lengths(ckpt, data_dir, [short, 4 * short]),
                        passkey=evaluate.passkey_accuracy(ckpt, long, device="cpu"))
             for name, ckpt in (("before", s2), ("after", s3))})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(cached, f, indent=1)
+    atomic_write(path, json.dumps(cached, indent=1))
     return json.loads(json.dumps(cached))  # keys as the cache has them (strings)
 
 
@@ -311,9 +310,7 @@ def write_report(out: str, scale: str, s: dict, timings: dict) -> str:
 
     L += ["", "## The report's findings, checked on this run", ""] + findings(base, evals, compute)
     path = os.path.join(out, "report.md")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(L) + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "\n".join(L) + "\n")
     return path
 
 

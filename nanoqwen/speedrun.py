@@ -21,6 +21,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .atomic import atomic_write
+
 # One scale = the models, the task slice and each stage's budget. The task slice is what a few-million-parameter
 # model can learn in minutes on a CPU; bigger scales widen it. The cold start is light (the report's "few samples,
 # few steps"): after 200 steps the cpu teacher samples almost deterministically and RL no longer moves it (README).
@@ -155,9 +157,7 @@ def run(out: str, scale: str = "cpu", launcher: str | None = None, report_only: 
             raise SystemExit(f"speedrun: stage {step.name} failed (exit {result.returncode}); fix it and run the "
                              f"same command again: finished stages are skipped")
         timings[step.name] = time.time() - t0
-        with open(timings_file + ".tmp", "w") as f:
-            json.dump(timings, f, indent=1)
-        os.replace(timings_file + ".tmp", timings_file)
+        atomic_write(timings_file, json.dumps(timings, indent=1))
     print(f"\n[report] base-model checks and the report card (speedrun time so far "
           f"{_duration(sum(timings.values()))})", flush=True)
     return report.write_report(out, scale, s, timings)

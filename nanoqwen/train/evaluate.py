@@ -14,6 +14,7 @@ import json
 import os
 import random
 
+from ..atomic import atomic_write
 from ..engine import generate_batch, load
 from ..tasks import ANSWER_PREFIX, answer_line, sample_examples
 from . import rewards
@@ -139,9 +140,7 @@ def evaluate(model_path: str, n: int = 64, k: int = 4, seed: int = 0, budgets=BU
                                            mean_thinking_tokens=length))
     print(format_table(report))
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=2))
         if report["budget_curve"]:
             plot_budget(report, os.path.join(out_dir, "budget.png"))
     return report
