@@ -6,16 +6,15 @@ once on the target device and fills it tensor by tensor, so peak memory stays ne
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_path, atomic_write
 from .config import Qwen3Config, get_preset
 from .model import Qwen3ForCausalLM
 from .qwen3_next import Qwen3NextForCausalLM
@@ -148,28 +147,6 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
 # ----------------------------------------------------------------------------------------------------------------
 # Saving
 
-@contextlib.contextmanager
-def atomic_path(path: str):
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`, on failure remove it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
-
-
 def _atomic_save_tensors(tensors: dict, path: str) -> None:
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
@@ -202,20 +179,23 @@ def save_model(model: Qwen3ForCausalLM, path: str, max_shard_size="5GB", dtype=N
 
     config = model.config
     config.torch_dtype = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
-    for old in os.listdir(path):  # a previous save with another shard count must not leave stale shards behind
-        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", old):
-            os.unlink(os.path.join(path, old))
     if len(shards) == 1:
+        written = ["model.safetensors"]
         _atomic_save_tensors(shards[0], os.path.join(path, "model.safetensors"))
     else:
-        weight_map, total = {}, 0
+        weight_map, total, written = {}, 0, ["model.safetensors.index.json"]
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             _atomic_save_tensors(shard, os.path.join(path, fname))
             weight_map.update({n: fname for n in shard})
             total += sum(t.numel() * t.element_size() for t in shard.values())
+            written.append(fname)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write(os.path.join(path, "model.safetensors.index.json"), json.dumps(index, indent=2).encode())
+    # only now that the new weights are complete: a previous save with another shard count leaves no stale files
+    for old in os.listdir(path):
+        if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", old) and old not in written:
+            os.unlink(os.path.join(path, old))
     config.save(path)
     generation = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
                   "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}

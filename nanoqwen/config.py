@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .atomic import atomic_write
+
 
 @dataclass
 class Qwen3Config:
@@ -162,7 +164,6 @@ class Qwen3Config:
         return d
 
     def save(self, directory: str) -> None:
-        from .checkpoint import atomic_write  # local import: checkpoint imports config
         atomic_write(os.path.join(directory, "config.json"),
                      (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
 

@@ -341,7 +341,7 @@ def moe_section(run: Run) -> list[str]:
 def write_report(out: str, compare: str | None = None) -> str:
     """Write OUT/report.md and its plots; `compare`: a run of the same recipe with another seed, whose verdicts are
     set beside this run's (a finding that holds in one and not the other is seed-sensitive)."""
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
     run = Run(out)
     plot_pretraining(run, run.path(PLOTS["pretraining"]))
     plot_posttraining(run, run.path(PLOTS["posttraining"]))

@@ -5,6 +5,11 @@ tokens alone or in any batch, on CPU or GPU. Settings live in per-row tensors so
 decode steps (continuous batching) without rebuilding anything. `sample` never waits for the device (host copies go
 through pinned memory, decisions are taken from the host-side settings), so the engine can queue the next decode
 step while the host is still busy with the previous one.
+
+In transformers' order (tests/test_sampling.py checks against its processors): repetition penalty (CTRL: over the
+prompt and the output, as transformers and vLLM), presence penalty (OpenAI: over the output only, as vLLM),
+temperature, top-k, top-p, min-p. One difference: top-k keeps exactly k candidates, a tie at the k-th logit cut in
+topk's order, where transformers and vLLM keep every tied token.
 """
 from __future__ import annotations
 

@@ -151,7 +151,8 @@ def _sampling(body, max_tokens: int | None, seed_offset: int) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise APIError(400, f"stop must be at most {MAX_STOP_STRINGS} non-empty strings", "stop")
-    return SamplingParams(max_new_tokens=max_tokens or 1, temperature=body.temperature, top_p=body.top_p,
+    return SamplingParams(max_new_tokens=1 if max_tokens is None else max_tokens,  # None: the room left, set later
+                          temperature=body.temperature, top_p=body.top_p,
                           top_k=0 if body.top_k == -1 else body.top_k, min_p=body.min_p,
                           presence_penalty=body.presence_penalty, repetition_penalty=body.repetition_penalty,
                           stop=stop, seed=None if body.seed is None else body.seed + seed_offset,
@@ -174,7 +175,10 @@ class Server:
         if len(prompts) * body.n > self.max_batch:
             raise APIError(400, f"n ({body.n}) times the number of prompts ({len(prompts)}) must be at most "
                                 f"{self.max_batch} (the server's --max-batch)", "n")
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        # the request model bounds both fields (>= 1); here a 0 is never read as "not given"
+        completion = getattr(body, "max_completion_tokens", None)
+        field, max_tokens = ("max_tokens", body.max_tokens) if completion is None else ("max_completion_tokens",
+                                                                                        completion)
         out = []
         for prompt in prompts:
             for j in range(body.n):
@@ -184,11 +188,11 @@ class Server:
                 except (ValueError, TypeError, KeyError, jinja2.TemplateError) as error:
                     raise APIError(400, str(error), "messages" if template else "prompt") from None
                 room = self.max_len - len(request.prompt_ids)
-                if max_tokens and max_tokens > room:
+                if max_tokens is not None and max_tokens > room:
                     raise APIError(400, f"this server's context holds {self.max_len} tokens, but you asked for "
                                         f"{len(request.prompt_ids) + max_tokens} ({len(request.prompt_ids)} in the "
-                                        f"prompt, {max_tokens} to generate)", "max_tokens")
-                request.params.max_new_tokens = max_tokens or room
+                                        f"prompt, {max_tokens} to generate)", field)
+                request.params.max_new_tokens = room if max_tokens is None else max_tokens
                 request.logprobs = logprobs
                 out.append(request)
         return out

@@ -234,7 +234,7 @@ class Manifest:
                                  f"remove {out}")
 
     def save(self) -> None:
-        from .checkpoint import atomic_write
+        from .atomic import atomic_write
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         atomic_write(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import tiktoken
 
 from . import chat
+from .atomic import atomic_write
 
 QWEN3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -251,9 +252,8 @@ class Tokenizer:
             # Qwen2Tokenizer rebuilds the pipeline with the Qwen regex; other pipelines load tokenizer.json as is
             "tokenizer_class": "Qwen2Tokenizer" if qwen_style else "PreTrainedTokenizerFast",
         }
-        (save_dir / "tokenizer.json").write_text(json.dumps(self.to_hf_spec(), ensure_ascii=False), encoding="utf-8")
-        config_text = json.dumps(config, indent=2, ensure_ascii=False)
-        (save_dir / "tokenizer_config.json").write_text(config_text, encoding="utf-8")
+        atomic_write(str(save_dir / "tokenizer.json"), json.dumps(self.to_hf_spec(), ensure_ascii=False))
+        atomic_write(str(save_dir / "tokenizer_config.json"), json.dumps(config, indent=2, ensure_ascii=False))
 
 
 class StreamDecoder:

@@ -219,18 +219,21 @@ def test_off_policy_end_to_end(scripted_teacher, tmp_path):
 
 
 def test_on_policy_end_to_end_with_padded_vocabularies(scripted_teacher, tmp_path):
-    """The student (320 rows) and the teacher (300 rows) compare over the tokenizer's 300 ids."""
+    """The student (320 rows) and the teacher (300 rows) compare over the tokenizer's 300 ids; over 12 steps the
+    divergence to the (deterministic) teacher on the student's own answers falls to almost nothing."""
     out = tmp_path / "on"
     cli.main(["distill", "--teacher", scripted_teacher, "--student", "nano-d2", "--mode", "on", "--out", str(out),
-              "--steps", "2", "--samples", "4", "--batch-size", "2", "--max-new-tokens", "6", "--divergence", "jsd",
-              "--beta", "0.3", "--top-k", "16", "--log-every", "1", *FILTER])
+              "--steps", "12", "--lr", "1e-2", "--samples", "4", "--batch-size", "2", "--max-new-tokens", "6",
+              "--divergence", "jsd", "--beta", "0.3", "--top-k", "16", "--log-every", "1", *FILTER])
     model, tok = load(latest_checkpoint(str(out)), device="cpu")
-    assert model.config.vocab_size == 320 and tok.vocab_size == 300 and (out / "step_000002").is_dir()
+    assert model.config.vocab_size == 320 and tok.vocab_size == 300 and (out / "step_000012").is_dir()
     total = json.load(open(out / "compute.json"))
     steps = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert total["scored_tokens"] == total["trained_tokens"] == sum(r["tokens"] for r in steps)  # one teacher pass
-    assert 0 < total["generated_tokens"] <= 2 * 2 * 6 and total["steps"] == 2
-    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
+    assert 0 < total["generated_tokens"] <= 12 * 2 * 6 and total["steps"] == 12
+    losses = [r["loss"] for r in steps]
+    print("on-policy losses", [round(x, 4) for x in losses])
+    assert all(math.isfinite(x) for x in losses) and sum(losses[-4:]) < 0.1 * sum(losses[:4])
     assert total["flops"] == pytest.approx(sum(r["flops"] for r in steps))
 
 

@@ -10,7 +10,7 @@ import torch
 from nanoqwen import cli, report
 from nanoqwen.engine import load
 from nanoqwen.tasks import sample_examples, to_messages
-from nanoqwen.train import posttrain, rewards
+from nanoqwen.train import evaluate, posttrain, rewards
 from nanoqwen.train.grpo import GRPO, GRPOConfig, group_advantages, grpo_loss, token_logprobs
 from nanoqwen.train.reward_model import bt_loss
 from nanoqwen.train.sandbox import run_code
@@ -66,6 +66,37 @@ def test_grpo_loss_gradient_is_zero_when_clipped():
     logp = torch.log(torch.tensor([[1.5]])).requires_grad_()
     grpo_loss(logp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1))[0].backward()
     assert logp.grad.item() == 0.0  # ratio above 1 + clip_high with A > 0: no push further
+
+
+def clipped_objective(logp, old_logp, advantages, mask, clip_low, clip_high):
+    """The GRPO/DAPO token-level loss written out: -min(r A, clip(r, 1 - low, 1 + high) A), mean over tokens."""
+    ratio, a = (logp - old_logp).exp(), advantages[:, None]
+    per_token = -torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+    return ((per_token * mask).sum() / mask.sum()).item()
+
+
+def test_cli_clip_bounds_reach_the_loss_the_trainer_calls(tiny, tmp_path, monkeypatch):
+    """`nanoqwen rl --clip-low 0.1 --clip-high 0.5` -> GRPOConfig -> GRPO.loss -> the Trainer's optimizer steps: each
+    step's loss is the clipped objective with those bounds, on ratios that a large learning rate pushes past both."""
+    from nanoqwen.train import grpo as grpo_module
+    calls, real = [], grpo_module.grpo_loss
+
+    def recording(logp, old_logp, advantages, mask, *args, **kwargs):
+        loss, stats = real(logp, old_logp, advantages, mask, *args, **kwargs)
+        calls.append((logp.detach(), old_logp.detach(), advantages, mask, loss.item()))
+        return loss, stats
+    monkeypatch.setattr(grpo_module, "grpo_loss", recording)
+    monkeypatch.setattr(rewards, "score", lambda record, text, *a: (float(len(text) % 3), 0.0))  # a reward spread
+    cli.main(["rl", "--stage", "reasoning", "--model", tiny, "--out", str(tmp_path / "rl"), "--steps", "1",
+              "--samples", "2", "--prompts-per-step", "2", "--group-size", "4", "--micro-batch", "8", "--iterations",
+              "3", "--max-new-tokens", "8", "--lr", "0.05", "--clip-low", "0.1", "--clip-high", "0.5", *FILTER])
+    assert len(calls) == 3  # one micro-batch per optimizer step, three passes over the rollout
+    for logp, old_logp, advantages, mask, loss in calls:
+        assert loss == pytest.approx(clipped_objective(logp, old_logp, advantages, mask, 0.1, 0.5), abs=1e-6)
+    logp, old_logp, advantages, mask, loss = calls[-1]
+    ratio, a = (logp - old_logp).exp(), advantages[:, None].expand_as(logp)
+    assert ((ratio > 1.5) & (a > 0) & (mask > 0)).any() and ((ratio < 0.9) & (a < 0) & (mask > 0)).any()
+    assert loss != pytest.approx(clipped_objective(logp, old_logp, advantages, mask, 0.5, 0.1), abs=1e-3)
 
 
 # --- SFT masks and data files ---------------------------------------------------------------------------------
@@ -257,7 +288,7 @@ def test_fusion_data_mixes_modes(tiny):
     assert len(data_) == 48
     thinking = [r for r in data_ if rewards.latest_flag(r["messages"]) is not False]
     direct = [r for r in data_ if rewards.latest_flag(r["messages"]) is False]
-    assert 10 <= len(thinking) <= 38 and 10 <= len(direct) <= 38
+    assert len(thinking) + len(direct) == 48 and thinking and direct  # the shares: the test below, at scale
     for record in thinking:  # the latest flag (or none: thinking is the default) asks to think, and the answer does
         assert record["messages"][-1]["reasoning_content"].strip()
         assert "Answer: " in record["messages"][-1]["content"]
@@ -265,6 +296,36 @@ def test_fusion_data_mixes_modes(tiny):
         assert record["messages"][-1]["reasoning_content"] == ""
     assert any(len(r["messages"]) > 2 for r in data_)  # multi-turn dialogues
     assert any(r["messages"][0]["role"] == "system" for r in data_)  # a flag in a system message (seeded mix)
+
+
+def thinking_share(multi_turn: float, unflagged: float) -> float:
+    """The share of thinking samples the mix's settings ask for. Single turns: unflagged ones think, the rest are
+    /think and /no_think half and half. Dialogues of 2 or 3 turns, each flag /think, /no_think or none (the mode
+    carries over; none at all: thinking): the last turn thinks with probability 5/9 (2 turns) or 14/27 (3)."""
+    return (1 - multi_turn) * (unflagged + (1 - unflagged) / 2) + multi_turn * (5 / 9 + 14 / 27) / 2
+
+
+@pytest.mark.parametrize("multi_turn,unflagged", [(0.3, 0.2), (0.6, 0.5)])
+def test_fusion_mix_has_the_configured_shares(tiny, monkeypatch, multi_turn, unflagged):
+    """2,000 samples (the model's answers stubbed out: none verifies, as from an untrained model): the thinking,
+    multi-turn and unflagged shares are the configured ones, within 3 standard errors."""
+    n = 2000
+    monkeypatch.setattr(posttrain, "generate_batch", lambda model, tok, prompts, **kw: [type("R", (), {"text": ""})]
+                        * len(prompts))
+    mix = posttrain.fusion_data(tiny, n, samples=1, multi_turn=multi_turn, unflagged=unflagged, tasks=["lists"],
+                                difficulty=(1, 1), languages=["en"])
+    last_users = [[m for m in r["messages"] if m["role"] == "user"][-1]["content"] for r in mix]
+    shares = dict(thinking=sum(rewards.latest_flag(r["messages"]) is not False for r in mix) / n,
+                  multi_turn=sum(len(r["messages"]) > 3 for r in mix) / n,
+                  unflagged=sum(len(r["messages"]) == 2 and not u.endswith(("/think", "/no_think"))
+                                for r, u in zip(mix, last_users)) / n)
+    expected = dict(thinking=thinking_share(multi_turn, unflagged), multi_turn=multi_turn,
+                    unflagged=(1 - multi_turn) * unflagged)
+    for name, p in expected.items():
+        assert abs(shares[name] - p) <= 3 * math.sqrt(p * (1 - p) / n), (name, shares[name], p)
+    for record in mix:  # the learned (last) answer thinks exactly when the latest flag asks for it
+        thinks = rewards.latest_flag(record["messages"]) is not False
+        assert bool(record["messages"][-1]["reasoning_content"]) == thinks
 
 
 def test_coldstart_drops_repetitive_traces():
@@ -296,11 +357,33 @@ def test_every_command_writes_a_loadable_checkpoint(tiny, tmp_path, capsys):
               "--budgets", "0,8,inf", "--max-new-tokens", "12", "--tasks", "lists", "--difficulty", "1"])
     report = json.load(open(out / "eval" / "eval.json"))
     assert [b["budget"] for b in report["budget_curve"]] == [0, 8, None] and (out / "eval" / "budget.png").exists()
-    assert 0 <= report["think_follow"] <= 1 and 0 <= report["thinking"]["pass_at_1"] <= 1
+    # what the numbers measure is checked on a model of known behaviour (test_eval_measures_think_follow_...)
+    assert {"think_follow", "no_think_empty_block", "thinking", "non_thinking"} <= set(report)
     rates = report["thinking"]["per_problem"]  # per-problem pass rates, for the report's paired comparisons
     assert len(rates) == 4 and sum(rates) / 4 == pytest.approx(report["thinking"]["pass_at_1"]) and report["problems"]
     for stage in ("cold", "rl", "fusion", "rm", "general"):
         load(latest_checkpoint(str(out / stage)), device="cpu")
+
+
+def test_eval_measures_think_follow_on_a_model_that_never_thinks(tiny, tmp_path):
+    """A scripted model that answers every prompt with an empty think block and "5": it follows exactly the
+    ThinkFollow cases that ask for no thinking, and its /no_think answers all have the empty block."""
+    from nanoqwen.checkpoint import save_model
+    from test_engine import chain, scripted_model
+    _, tokenizer = load(tiny, device="cpu")
+    newline, five = tokenizer.encode("\n")[0], tokenizer.encode("5")[0]
+    script = chain(newline, tokenizer.think_start_id, tokenizer.think_end_id, five, tokenizer.eos_token_id)
+    path = str(tmp_path / "never_thinks")
+    save_model(scripted_model(script, vocab_size=512), path)
+    tokenizer.save(path)
+    task = dict(tasks=["lists"], difficulty=1, languages=["en"])
+    measured = evaluate.evaluate(path, n=12, k=1, budgets=[], max_new_tokens=8, **task)
+    cases = evaluate.think_follow_prompts(sample_examples(12, "test", 0, **task), 0)
+    wants = [want for _, want in cases]
+    assert True in wants and False in wants  # both kinds asked for, so the measure can tell them apart
+    assert measured["think_follow"] == pytest.approx(wants.count(False) / len(wants))
+    assert measured["no_think_empty_block"] == 1.0
+    assert measured["thinking"]["mean_thinking_tokens"] == 2.0  # <think></think>: the block's two tags
 
 
 def test_learnable_keeps_queries_solved_sometimes(tiny, monkeypatch, capsys):

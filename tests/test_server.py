@@ -391,6 +391,23 @@ def test_bad_input_is_a_4xx_that_names_the_problem(small, path, body, status, wo
     assert set(error) == {"message", "type", "param", "code"} and words.lower() in error["message"].lower(), error
 
 
+@pytest.mark.parametrize("path,field", [("/v1/chat/completions", "max_tokens"),
+                                        ("/v1/chat/completions", "max_completion_tokens"),
+                                        ("/v1/completions", "max_tokens")])
+def test_token_limits_below_one_are_refused_in_the_requests_own_words(small, path, field):
+    """0 is not "no limit" and a negative count is not the engine's business: a 400 that names the request's field
+    (never the engine's max_new_tokens); the same field at 1 is served."""
+    url, _ = small
+    body = {"messages": HI} if "chat" in path else {"prompt": "the quick"}
+    for value in (0, -5):
+        response = httpx.post(url + path, json={**body, field: value}, timeout=30)
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == field, error
+        assert field in error["message"] and "max_new_tokens" not in error["message"], error
+    served = httpx.post(url + path, json={**body, field: 1, "temperature": 0}, timeout=30)
+    assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 1
+
+
 def test_unknown_routes_and_methods_are_openai_errors(small):
     url, _ = small
     assert httpx.get(url + "/v1/nothing").json()["error"]["code"] == 404

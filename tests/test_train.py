@@ -16,6 +16,7 @@ import torch
 
 from nanoqwen import cli, data
 from nanoqwen.checkpoint import load_model
+from nanoqwen.model import ExpertCounter
 from nanoqwen.tokenizer import train_tokenizer
 from nanoqwen.train import TrainConfig, Trainer, evaluate, latest_checkpoint, lr_multiplier
 
@@ -63,6 +64,39 @@ def test_resume_gives_bitwise_the_same_losses(shard_dir, tmp_path):
     assert resumed.step == 3
     assert [r["loss"] for r in resumed.train()[3:]] == losses[3:]
     assert os.path.exists(tmp_path / "a" / "loss.png") and len(open(tmp_path / "a" / "metrics.jsonl").readlines()) == 6
+
+
+@pytest.mark.parametrize("preset", ["nano-d2", "nano-moe-d2"])
+def test_gradient_accumulation_equals_one_combined_batch(tmp_path, preset):
+    """Micro-batches with 3 and 54 target tokens: the accumulated gradient is the gradient of the mean loss over the
+    57 targets of the two as one batch (not the mean of the two means). The MoE runs without its load-balancing term:
+    that one is a mean over routed tokens, not targets, and its expert fractions grow micro-batch by micro-batch (the
+    first sees only its own), so it only approximates the combined batch's (by ~4e-5 here, at coefficient 1e-3)."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (4, 32))
+    labels = ids.clone()
+    labels[0, :30] = -100  # row 0: 2 targets
+    labels[1, :] = -100
+    labels[1, 10] = ids[1, 10]  # row 1: 1 target
+    labels[2:, 1:5] = -100  # rows 2 and 3: 27 targets each
+    micro = [dict(input_ids=ids[:2], labels=labels[:2]), dict(input_ids=ids[2:], labels=labels[2:])]
+    counts = [(b["labels"][:, 1:] != -100).sum().item() for b in micro]
+    model = load_model(preset, vocab_size=512, router_aux_loss_coef=0.0)
+    combined = load_model(preset, vocab_size=512, router_aux_loss_coef=0.0)
+    combined.load_state_dict(model.state_dict())
+
+    config = TrainConfig(out_dir=str(tmp_path), steps=1, batch_size=2, grad_accum=2, grad_clip=0, progress=False)
+    trainer = Trainer(model, config, iter(micro), device="cpu")
+    accumulated = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: accumulated.extend(p.grad.clone() for p in model.parameters()))
+    trainer.train_step()
+
+    combined.train()
+    counter = ExpertCounter() if combined.config.is_moe else None
+    combined(input_ids=ids, labels=labels, expert_counter=counter).loss.backward()
+    worst = max((a - p.grad).abs().max().item() for a, p in zip(accumulated, combined.parameters()))
+    print(f"{preset}: targets {counts}, largest gradient difference {worst:.2e}")
+    assert counts == [3, 54] and worst < 1e-6
 
 
 def test_sigkill_during_checkpoint_write_keeps_the_previous_one(shard_dir, tmp_path):
@@ -183,20 +217,26 @@ def test_three_stages(tmp_path, budget):
 
     cli.main(["pretrain", "--stage", "2", "--steps", str(s2), *common])
     stage2 = latest_checkpoint(f"{out}/stage2")
-    families = ["word_problems", "logic"] if budget == "fast" else ["word_problems", "units", "logic"]
-    before = {task: task_accuracy(stage1, task) for task in families}
-    after = {task: task_accuracy(stage2, task) for task in families}
-    print(f"held-out accuracy after stage 1 {before}, after stage 2 {after}")
+    # stage 2 is for the reasoning data: its held-out loss falls (accuracy rises only at the slow budget)
+    reasoning = {name: evaluate.loss_at_lengths(path, f"{out}/stage2/data/test", [256])[256]
+                 for name, path in (("stage 1", stage1), ("stage 2", stage2))}
+    print(f"held-out loss on the stage-2 data: {reasoning}")
+    assert reasoning["stage 2"] < reasoning["stage 1"]
 
     cli.main(["pretrain", "--stage", "3", "--steps", str(s3), *common])
     stage3 = latest_checkpoint(f"{out}/stage3")
     assert json.load(open(f"{stage3}/config.json"))["rope_theta"] == 1_000_000.0
+    # stage 3 is for long context: at 4x the stage-1 length the loss falls, and is no worse than at 1x
+    before = evaluate.loss_at_lengths(stage2, f"{out}/stage3/data/test", [1024])
     losses = evaluate.loss_at_lengths(stage3, f"{out}/stage3/data/test", [256, 1024])
-    passkey = evaluate.passkey_accuracy(stage3, 2048, device="cpu")
-    exact, digits = passkey["exact"], passkey["digits"]
-    print(f"stage 3: loss at 256 {losses[256]:.3f}, at 1024 {losses[1024]:.3f}; passkey at 2048 tokens: "
-          f"{exact:.0%} exact, {digits:.0%} digits (chance 10%)")
-    assert losses[1024] <= losses[256] + 0.01
-    if budget == "slow":
-        assert sum(after.values()) > sum(before.values())
-        assert digits > 0.2
+    print(f"stage 3: loss at 1024 {before[1024]:.3f} before, {losses[1024]:.3f} after; at 256 {losses[256]:.3f}")
+    assert losses[1024] < before[1024] and losses[1024] <= losses[256] + 0.01
+    if budget == "slow":  # what a small budget cannot show: held-out accuracy and passkey retrieval
+        families = ["word_problems", "units", "logic"]
+        accuracy_before = {task: task_accuracy(stage1, task) for task in families}
+        accuracy_after = {task: task_accuracy(stage2, task) for task in families}
+        passkey = evaluate.passkey_accuracy(stage3, 2048, device="cpu")
+        print(f"held-out accuracy after stage 1 {accuracy_before}, after stage 2 {accuracy_after}; passkey at 2048 "
+              f"tokens: {passkey['exact']:.0%} exact, {passkey['digits']:.0%} digits (chance 10%)")
+        assert sum(accuracy_after.values()) > sum(accuracy_before.values())
+        assert passkey["digits"] > 0.2

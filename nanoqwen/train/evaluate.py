@@ -250,6 +250,6 @@ def _long_documents(model: str, length: int, out: str) -> str:
 
 
 def write_json(record: dict, path: str) -> None:
-    from ..checkpoint import atomic_write
+    from ..atomic import atomic_write
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     atomic_write(path, (json.dumps(record, indent=2) + "\n").encode())

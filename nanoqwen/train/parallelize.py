@@ -6,6 +6,7 @@ wraps the whole model). Under torchrun, NCCL on GPUs, gloo on CPU.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -24,7 +25,17 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        atexit.register(shut_down_distributed)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def shut_down_distributed() -> None:
+    """Destroy the process group at exit, while the interpreter is whole (init_distributed registers this; atexit runs
+    before finalization), as PyTorch asks of every program. Left to finalization, a gloo worker thread that lets go
+    of a collective's last tensors (Python objects) after the interpreter began tearing down aborts the rank with
+    "terminate called without an active exception"."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -13,10 +13,10 @@ to OUT as JSONL, so a run can be inspected and repeated on real data by passing 
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 
+from ..atomic import atomic_write
 from ..engine import generate_batch, load
 from ..tasks import TASKS, answer_line, sample_examples, to_messages
 from . import rewards
@@ -30,10 +30,7 @@ def task_record(example, flag: str | None = None) -> dict:
 
 
 def write_jsonl(records: list[dict], path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import atomic_write, load_model, model_class, save_model
+from ..atomic import atomic_write
+from ..checkpoint import load_model, model_class, save_model
 from ..model import ExpertCounter, Qwen3ForCausalLM
 from ..hardware import device_peak
 from .parallelize import is_distributed, parallelize
