@@ -302,6 +302,9 @@ def cmd_rl(args):
                 raise ValueError(f'{args.prompts}: prompts with "reward": "{kind}" need {flag}')
         if not prompts:
             raise ValueError(f"{args.prompts}: no usable prompts")
+        if any(r.get("reward") == "code" for r in prompts):  # model-written code runs only where it can be isolated
+            from .train.sandbox import require_isolation
+            require_isolation(unsafe=args.unsafe_code_execution)
     elif args.stage == "reasoning":
         prompts = posttrain.rl_prompts(args.samples, args.seed + 1, **_task_filter(args))
         if args.learnable:
@@ -430,6 +433,9 @@ def _add_posttrain_parsers(sub) -> None:
                    help="reasoning: keep generated queries the model solves in 1..K-1 of K samples (0: keep all)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--unsafe-code-execution", action="store_true",
+                   help='run "reward": "code" programs even where the OS sandbox cannot be built (rlimits only, '
+                        "under a repeated warning); see docs/sandbox.md")
     p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("rm", help="train a reward model on preference pairs (Bradley-Terry)")
