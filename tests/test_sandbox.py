@@ -49,30 +49,36 @@ def marker():
 
 
 def test_the_program_is_nobody_without_capabilities_in_a_minimal_read_only_root():
-    result = hostile("""
+    escape = f"escape-{secrets.token_hex(4)}"
+    result = hostile(f"""
         import os
         status = dict(line.split(":", 1) for line in open("/proc/self/status"))
         print(status["Uid"].split()[0], status["Gid"].split()[0], os.getgroups())
         print(*(status[key].strip() for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")))
         print(sorted(os.listdir("/")))
         print(sorted(filter(str.isdigit, os.listdir("/proc"))))
-        for path in ("/escape", "/usr/escape", "/dev/escape", "/sandbox/ok", "/tmp/ok", "/dev/shm/ok"):
+        for path in ("/{escape}", "/usr/{escape}", "/dev/{escape}", "/sandbox/ok", "/tmp/ok", "/dev/shm/ok"):
             try:
                 open(path, "w").write("x")
                 print(path, "written")
             except OSError:
                 print(path, "refused")
+        import ctypes
+        unshare = ctypes.CDLL(None, use_errno=True).unshare
+        print("new user namespace", "refused" if unshare(0x10000000) else "made")  # rights in one of its own
+        print("new network namespace", "refused" if unshare(0x40000000) else "made")
     """)
     assert result.ok, result
-    ids, caps, top, pids, *writes = result.stdout.splitlines()
+    ids, caps, top, pids, *writes, user, network = result.stdout.splitlines()
     assert ids == "65534 65534 []"  # not root, not the trainer's user, no groups
     assert caps.split() == ["0000000000000000"] * 5 + ["1"]  # no capabilities of any kind, no new privileges
     allowed = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", "tmp", "sandbox"}
     assert set(eval(top)) <= allowed | {sandbox.PREFIX.split("/")[1]}  # no /home, /var, /work, /root's files...
     assert eval(pids) == ["1"]  # its own /proc, where it is alone
-    assert writes == ["/escape refused", "/usr/escape refused", "/dev/escape refused", "/sandbox/ok written",
-                      "/tmp/ok written", "/dev/shm/ok written"]
-    assert not os.path.exists("/escape") and not os.path.exists("/usr/escape")
+    assert writes == [f"/{escape} refused", f"/usr/{escape} refused", f"/dev/{escape} refused",
+                      "/sandbox/ok written", "/tmp/ok written", "/dev/shm/ok written"]
+    assert not any(os.path.exists(f"{folder}/{escape}") for folder in ("", "/usr", "/dev"))
+    assert (user, network) == ("new user namespace refused", "new network namespace refused")
 
 
 def test_the_trainer_is_out_of_sight():
@@ -109,7 +115,7 @@ def test_files_outside_are_out_of_reach(tmp_path):
     result = hostile(f"""
         import os
         for action, path in (("read", {str(prompts)!r}), ("write", {str(victim)!r}), ("delete", {str(victim)!r}),
-                             ("create", {str(tmp_path / "new.txt")!r}), ("create", "/root/escape")):
+                             ("create", {str(tmp_path / "new.txt")!r})):
             try:
                 if action == "delete":
                     os.remove(path)

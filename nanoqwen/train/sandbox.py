@@ -20,8 +20,10 @@ from __future__ import annotations
 import functools
 import os
 import selectors
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -114,40 +116,67 @@ def remove_cgroups(paths: list[str], wait: float = 1.0):
                 time.sleep(0.005)
 
 
+def join_cgroups(pid: int, paths: list[str]):
+    for path in paths:
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(pid))
+
+
 @functools.cache
 def cgroups_work() -> bool:
-    return bool(paths := make_cgroups(64, 8)) and (remove_cgroups(paths) or True)
+    """Whether this process may make capped cgroups and move a child into them (tried once)."""
+    made = make_cgroups(64, 8)
+    try:
+        waiting = [PYTHON, "-I", "-S", "-c", "import sys; sys.stdin.read()"]
+        with subprocess.Popen(waiting, stdin=subprocess.PIPE) as child:
+            try:
+                join_cgroups(child.pid, made)
+            except OSError:
+                made = []
+    finally:
+        remove_cgroups(made)
+    return bool(made)
+
+
+def remove_tree(path: str):
+    """Remove what the program left at `path`: a tree, a file, or a link (removed, not followed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 # --- one run ------------------------------------------------------------------------------------------------------
 
 def launcher_argv(mode: str, timeout: float, memory_mb: int, file_mb: int, nproc: int, lint: bool,
-                  cgroups: list[str]) -> list[str]:
+                  workdir: str | None) -> list[str]:
     binds = [] if PREFIX.startswith("/usr/") else [PREFIX]
     if not PYTHON.startswith(("/usr/", PREFIX + "/")):
         binds.append(os.path.dirname(PYTHON))
     options = dict(mode=mode, memory_mb=memory_mb, file_mb=file_mb, nproc=nproc, cpu_seconds=int(timeout) + 1,
-                   deadline=timeout + 1.0, lint=int(lint))
+                   deadline=timeout + 1.0, lint=int(lint), **({"workdir": workdir} if workdir else {}))
     return [PYTHON, "-I", "-S", "-c", LAUNCH, *(f"{k}={v}" for k, v in options.items()),
-            *(f"bind={path}" for path in binds), *(f"cgroup={path}/cgroup.procs" for path in cgroups)]
+            *(f"bind={path}" for path in binds)]
 
 
 def exchange(process: subprocess.Popen, payload: bytes, deadline: float, max_output: int):
     """Feed `payload` to stdin and read stdout/stderr until both close, at most `max_output` bytes each, before
     `deadline`. Returns (stdout, stderr, why it stopped early or None)."""
-    streams = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
-    selector = selectors.DefaultSelector()
-    for fd in streams:
-        selector.register(fd, selectors.EVENT_READ)
+    out, err, stopped = bytearray(), bytearray(), None
+    buffers = {process.stdout.fileno(): out, process.stderr.fileno(): err}
     stdin, sent = process.stdin.fileno(), 0
     os.set_blocking(stdin, False)
+    selector = selectors.DefaultSelector()
+    for fd in buffers:
+        selector.register(fd, selectors.EVENT_READ)
     selector.register(stdin, selectors.EVENT_WRITE)
     try:
-        while len(selector.get_map()) > (stdin in selector.get_map()):
+        while stopped is None and len(selector.get_map()) > (stdin in selector.get_map()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return bytes(streams[process.stdout.fileno()]), bytes(streams[process.stderr.fileno()]), "timeout"
-            for key, _ in selector.select(remaining):
+                stopped = "timeout"
+            for key, _ in selector.select(remaining) if remaining > 0 else []:
                 if key.fd == stdin:
                     try:
                         sent += os.write(stdin, payload[sent:sent + (1 << 16)])
@@ -162,42 +191,53 @@ def exchange(process: subprocess.Popen, payload: bytes, deadline: float, max_out
                 chunk = os.read(key.fd, 1 << 16)
                 if not chunk:
                     selector.unregister(key.fd)
-                elif len(streams[key.fd]) + len(chunk) > max_output:
-                    return (bytes(streams[process.stdout.fileno()]), bytes(streams[process.stderr.fileno()]),
-                            f"output over {max_output} bytes")
+                elif len(buffers[key.fd]) + len(chunk) > max_output:
+                    stopped = f"output over {max_output} bytes"
+                    break
                 else:
-                    streams[key.fd] += chunk
+                    buffers[key.fd] += chunk
     finally:
         selector.close()
-    return bytes(streams[process.stdout.fileno()]), bytes(streams[process.stderr.fileno()]), None
+    return bytes(out), bytes(err), stopped
+
+
+def stop(process: subprocess.Popen):
+    """Kill the launcher if it still runs (its init dies with it, by the parent-death signal, and the namespace
+    with that), reap it, close the pipes."""
+    if process.returncode is None:
+        process.kill()
+        try:
+            process.wait(KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            pass
+    for stream in (process.stdin, process.stdout, process.stderr):
+        stream.close()
 
 
 def execute(mode: str, code: str, stdin: str, timeout: float, memory_mb: int, file_mb: int, max_output: int,
             nproc: int, lint: bool) -> SandboxResult:
     """One run of `code` through the launcher in `mode` ("isolated" or "unsafe")."""
-    cgroups = make_cgroups(memory_mb, nproc) if mode == "isolated" and cgroups_work() else []
     source = code.encode(errors="replace")
     payload = b"%d\n" % len(source) + source + stdin.encode(errors="replace")
-    deadline = time.monotonic() + timeout
-    process = subprocess.Popen(launcher_argv(mode, timeout, memory_mb, file_mb, nproc, lint, cgroups),
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={})
+    cgroups = make_cgroups(memory_mb, nproc) if mode == "isolated" and cgroups_work() else []
+    workdir = tempfile.mkdtemp(prefix="nanoqwen-sandbox-") if mode == "unsafe" else None  # isolated: a tmpfs
     try:
-        out, err, stopped = exchange(process, payload, deadline, max_output)
-        if stopped is None:
-            try:
+        deadline = time.monotonic() + timeout
+        process = subprocess.Popen(launcher_argv(mode, timeout, memory_mb, file_mb, nproc, lint, workdir),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={})
+        try:
+            join_cgroups(process.pid, cgroups)  # while it starts; it forks only once it has the program, sent next
+            out, err, stopped = exchange(process, payload, deadline, max_output)
+            if stopped is None:
                 process.wait(max(deadline - time.monotonic(), 0.0))
-            except subprocess.TimeoutExpired:
-                stopped = "timeout"
+        except subprocess.TimeoutExpired:
+            stopped = "timeout"
+        finally:
+            stop(process)
     finally:
-        if process.returncode is None:
-            process.kill()  # the launcher; its init dies with it (parent-death signal), and the namespace with that
-            try:
-                process.wait(KILL_GRACE)
-            except subprocess.TimeoutExpired:
-                pass
-        for stream in (process.stdin, process.stdout, process.stderr):
-            stream.close()
         remove_cgroups(cgroups)
+        if workdir:
+            remove_tree(workdir)
     if stopped:
         return failed(stopped, out, err, timed_out=stopped == "timeout")
     status = process.returncode

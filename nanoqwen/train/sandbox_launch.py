@@ -1,9 +1,10 @@
-"""The launcher of the code sandbox: sandbox.py starts a fresh `python -I -S` that imports this module and calls
-launch(), with options as KEY=VALUE arguments and the program on stdin (a length line, then the source; the rest of stdin is the program's input). Standard library only,
-no nanoqwen imports and no slow ones: it starts on every call.
+"""The launcher of the code sandbox. sandbox.py starts a fresh `python -I -S` that imports this module and calls
+launch(), with options as KEY=VALUE arguments and the program on stdin (a length line, then the source; the rest of
+stdin is the program's input). Standard library only, no nanoqwen imports and no slow ones: it starts on every call.
 
-    launcher        its own session; a new PID namespace (and, when not root, a user namespace that maps its uid to
-                    0, which gives it the rights to build the others); forks
+    launcher        its own session (and its cgroups, where the parent made them: the parent moves it there before
+                    it sends the program); a new PID namespace (and, when not root, a user namespace that maps its
+                    uid to 0, which gives it the rights to build the others); forks
     its child       pid 1 of the new PID namespace: new mount, network, IPC, UTS and cgroup namespaces; a minimal
                     root on tmpfs (/usr and the Python prefix read-only, a few devices, a private /proc, writable
                     /tmp, /dev/shm and /sandbox); rlimits; becomes uid 65534 with no capabilities and no new
@@ -11,7 +12,7 @@ no nanoqwen imports and no slow ones: it starts on every call.
                     kernel kills everything it left behind in the namespace; when the launcher dies (killed by the
                     parent at the deadline) it gets SIGKILL (the parent-death signal), and the namespace goes with it
 
-modes: isolated (all of the above) or unsafe (--unsafe-code-execution: rlimits and a temporary directory only).
+modes: isolated (all of the above) or unsafe (--unsafe-code-execution: rlimits and a working directory only).
 A failure of the launcher itself prints one line starting with "sandbox:" and exits with status 125.
 """
 import ctypes
@@ -28,8 +29,8 @@ MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048
 NAMESPACES = {CLONE_NEWUSER: "user", CLONE_NEWPID: "PID", CLONE_NEWNS: "mount", CLONE_NEWNET: "network",
               CLONE_NEWIPC: "IPC", CLONE_NEWUTS: "UTS", CLONE_NEWCGROUP: "cgroup"}
 MNT_DETACH, O_PATH = 2, 0o10000000
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 1, 4, 24, 38, 47, 4
-CAPABILITY_VERSION_3 = 0x20080522
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, CAPABILITY_VERSION_3 = 47, 4, 0x20080522
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41, "ppc64le": 203, "ppc64": 203,
                   "s390x": 217, "i686": 217, "i386": 217, "armv7l": 218}
 DEVICES = ("null", "zero", "full", "random", "urandom")
@@ -40,6 +41,12 @@ EXIT_FAILED = 125
 # the operating system holds without it)
 BLOCKED = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
            "pty.", "ctypes.dlopen", "os.kill", "signal.pthread_kill")
+LIBC = ctypes.CDLL(None, use_errno=True)  # the system calls Python 3.11's os module lacks
+for _name, _types in (("mount", (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_char_p)),
+                      ("umount2", (ctypes.c_char_p, ctypes.c_int)), ("unshare", (ctypes.c_int,)),
+                      ("prctl", (ctypes.c_int,) + (ctypes.c_ulong,) * 4),
+                      ("syscall", (ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p))):  # pivot_root: no wrapper
+    getattr(LIBC, _name).argtypes = _types
 
 
 class Failed(Exception):
@@ -67,6 +74,14 @@ def mount(source, target: str, fstype, flags: int, data=None):
     check(LIBC.mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
 
 
+def write_file(path: str, text: str):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 def read_exactly(fd: int, n: int) -> bytes:
     chunks = []
     while n:
@@ -88,14 +103,6 @@ def read_program() -> bytes:
             raise Failed("no program on stdin")
         header += byte
     return read_exactly(0, int(header))
-
-
-def write_file(path: str, text: str):
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
 
 
 def flags_of(path: str) -> int:
@@ -191,8 +198,87 @@ def become_nobody(as_root: bool):
     write_file("/proc/self/uid_map", f"{SANDBOX_UID} {uid} 1\n")
     write_file("/proc/self/setgroups", "deny")
     write_file("/proc/self/gid_map", f"{SANDBOX_GID} {gid} 1\n")
+    write_file("/proc/sys/user/max_user_namespaces", "0")  # none below: user namespaces would give rights back
     drop_capabilities()
     prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+
+
+def init(options: dict, launcher_alive: int, as_root: bool):
+    """Pid 1 of the new PID namespace: build the sandbox and step into it."""
+    os.setsid()  # its own session: kill(0, ...) in the sandbox reaches only the sandbox
+    unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
+    build_root("/tmp", options)
+    enter_root("/tmp")
+    os.chdir(WORKDIR)
+    set_limits(options)
+    become_nobody(as_root)
+    prctl(PR_SET_PDEATHSIG, 9, "set the parent-death signal")  # after the uid change, which clears it
+    if select.select([launcher_alive], [], [], 0)[0]:  # end of file: the launcher died before the line above
+        os._exit(EXIT_FAILED)
+    os.closerange(3, 1 << 16)
+
+
+def maps_nobody() -> bool:
+    """Root of a user namespace that holds uid 65534 (a host's root; not root of a namespace mapping only itself)."""
+    with open("/proc/self/uid_map") as f:
+        return any(int(inside) <= SANDBOX_UID < int(inside) + int(count) for inside, _, count in map(str.split, f))
+
+
+def isolated(options: dict):
+    """Returns only in the child that is to run the program, inside the sandbox."""
+    as_root = os.geteuid() == 0 and maps_nobody()
+    if as_root:
+        unshare(CLONE_NEWPID)
+    else:  # the user namespace comes first and gives this process the rights to make the PID namespace
+        uid, gid = os.geteuid(), os.getegid()
+        unshare(CLONE_NEWUSER | CLONE_NEWPID)
+        write_file("/proc/self/uid_map", f"0 {uid} 1\n")
+        write_file("/proc/self/setgroups", "deny")
+        write_file("/proc/self/gid_map", f"0 {gid} 1\n")
+    launcher_alive, held = os.pipe()  # the launcher holds the write end: end of file means it died
+    pid = os.fork()
+    if pid == 0:
+        os.close(held)
+        try:
+            return init(options, launcher_alive, as_root)
+        except BaseException as e:  # noqa: BLE001 (whatever failed, the sandbox is not there: say which step)
+            os.write(2, f"sandbox: {e}\n".encode())
+            os._exit(EXIT_FAILED)
+    exit_like(wait_with_deadline(pid, options["deadline"]))
+
+
+def unsafe(options: dict):
+    """No isolation (--unsafe-code-execution): rlimits, the working directory the parent made, a process group of
+    its own, killed at the end. Returns only in the child that is to run the program."""
+    launcher = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)
+        prctl(PR_SET_PDEATHSIG, 9, "set the parent-death signal")  # it dies with the launcher, as in the sandbox
+        if os.getppid() != launcher:
+            os._exit(EXIT_FAILED)
+        os.chdir(options["workdir"])
+        set_limits(options)
+        return
+    status = wait_with_deadline(pid, options["deadline"])
+    try:
+        os.killpg(pid, 9)  # whatever it left in its group
+    except OSError:
+        pass
+    exit_like(status)
+
+
+def wait_with_deadline(pid: int, seconds: float) -> int:
+    """The wait status of child `pid`, killing it when `seconds` pass first."""
+    pidfd = os.pidfd_open(pid)
+    if not select.select([pidfd], [], [], seconds)[0]:
+        os.kill(pid, 9)
+    return os.waitpid(pid, 0)[1]
+
+
+def exit_like(status: int):
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
 def run_program(options: dict, source: bytes):
@@ -224,97 +310,14 @@ def run_program(options: dict, source: bytes):
     os._exit(status & 0xFF)
 
 
-def launch():
-    run_program(*main())
-
-
-def init(options: dict, launcher_alive: int, as_root: bool):
-    """Pid 1 of the new PID namespace: build the sandbox and step into it."""
-    os.setsid()  # its own session: kill(0, ...) in the sandbox reaches only the sandbox
-    unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP)
-    mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
-    build_root("/tmp", options)
-    enter_root("/tmp")
-    os.chdir(WORKDIR)
-    set_limits(options)
-    become_nobody(as_root)
-    prctl(PR_SET_PDEATHSIG, 9, "set the parent-death signal")  # after the uid change, which clears it
-    if select.select([launcher_alive], [], [], 0)[0]:  # end of file: the launcher died before the line above
-        os._exit(EXIT_FAILED)
-    os.closerange(3, 1 << 16)
-
-
-def wait_with_deadline(pid: int, seconds: float) -> int:
-    """The wait status of child `pid`, killing it when `seconds` pass first."""
-    pidfd = os.pidfd_open(pid)
-    if not select.select([pidfd], [], [], seconds)[0]:
-        os.kill(pid, 9)
-    return os.waitpid(pid, 0)[1]
-
-
-def exit_like(status: int):
-    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
-
-
-def maps_nobody() -> bool:
-    """Root of a user namespace that holds uid 65534 (a host's root; not root of a namespace mapping only itself)."""
-    with open("/proc/self/uid_map") as f:
-        return any(int(inside) <= SANDBOX_UID < int(inside) + int(count) for inside, _, count in map(str.split, f))
-
-
-def isolated(options: dict):
-    """Returns only in the child that is to run the program, inside the sandbox."""
-    for procs in options.get("cgroup", []):  # joined before the fork, so everything started after is in them
-        write_file(procs, str(os.getpid()))
-    as_root = os.geteuid() == 0 and maps_nobody()
-    if as_root:
-        unshare(CLONE_NEWPID)
-    else:  # the user namespace comes first and gives this process the rights to make the PID namespace
-        uid, gid = os.geteuid(), os.getegid()
-        unshare(CLONE_NEWUSER | CLONE_NEWPID)
-        write_file("/proc/self/uid_map", f"0 {uid} 1\n")
-        write_file("/proc/self/setgroups", "deny")
-        write_file("/proc/self/gid_map", f"0 {gid} 1\n")
-    launcher_alive, held = os.pipe()  # the launcher holds the write end: end of file means it died
-    pid = os.fork()
-    if pid == 0:
-        os.close(held)
-        try:
-            return init(options, launcher_alive, as_root)
-        except BaseException as e:  # noqa: BLE001 (whatever failed, the sandbox is not there: say which step)
-            os.write(2, f"sandbox: {e}\n".encode())
-            os._exit(EXIT_FAILED)
-    exit_like(wait_with_deadline(pid, options["deadline"]))
-
-
-def unsafe(options: dict):
-    """No isolation (--unsafe-code-execution): rlimits, a fresh working directory, its own process group, killed
-    at the end. Returns only in the child that is to run the program."""
-    workdir = f"/tmp/nanoqwen-sandbox-{os.urandom(6).hex()}"
-    os.mkdir(workdir, 0o700)
-    pid = os.fork()
-    if pid == 0:
-        os.setpgid(0, 0)
-        os.chdir(workdir)
-        set_limits(options)
-        return
-    status = wait_with_deadline(pid, options["deadline"])
-    try:
-        os.killpg(pid, 9)  # whatever it left in its group
-    except OSError:
-        pass
-    os.system(f"rm -rf {workdir}")  # whatever the program made of it (a link is removed, not followed)
-    exit_like(status)
-
-
 def parse(argv: list[str]) -> dict:
     options = {}
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key in ("bind", "cgroup"):
+        if key == "bind":
             options.setdefault(key, []).append(value)
         else:
-            options[key] = value if key == "mode" else float(value) if key == "deadline" else int(value)
+            options[key] = value if key in ("mode", "workdir") else float(value) if key == "deadline" else int(value)
     return options
 
 
@@ -331,9 +334,5 @@ def main() -> tuple[dict, bytes]:
         os._exit(EXIT_FAILED)
 
 
-LIBC = ctypes.CDLL(None, use_errno=True)
-for _name, _types in (("mount", (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_char_p)),
-                      ("umount2", (ctypes.c_char_p, ctypes.c_int)), ("unshare", (ctypes.c_int,)),
-                      ("prctl", (ctypes.c_int,) + (ctypes.c_ulong,) * 4),
-                      ("syscall", (ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p))):  # pivot_root: no wrapper
-    getattr(LIBC, _name).argtypes = _types
+def launch():
+    run_program(*main())
