@@ -3,6 +3,7 @@ tests check that the operating system contains it (the audit-hook lint is switch
 here rests on it), that the call returns in bounded time with bounded memory, that this process survives, and that
 reward hacks score no more than an honest failure. Everything a hostile program might leave behind is found by a
 marker in its command line and killed, so the tests clean up after themselves even when the sandbox fails."""
+import ast
 import json
 import os
 import secrets
@@ -10,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -73,8 +73,8 @@ def test_the_program_is_nobody_without_capabilities_in_a_minimal_read_only_root(
     assert ids == "65534 65534 []"  # not root, not the trainer's user, no groups
     assert caps.split() == ["0000000000000000"] * 5 + ["1"]  # no capabilities of any kind, no new privileges
     allowed = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", "tmp", "sandbox"}
-    assert set(eval(top)) <= allowed | {sandbox.PREFIX.split("/")[1]}  # no /home, /var, /work, /root's files...
-    assert eval(pids) == ["1"]  # its own /proc, where it is alone
+    assert set(ast.literal_eval(top)) <= allowed | {sandbox.PREFIX.split("/")[1]}  # no /home, /var, /work, /root's files...
+    assert ast.literal_eval(pids) == ["1"]  # its own /proc, where it is alone
     assert writes == [f"/{escape} refused", f"/usr/{escape} refused", f"/dev/{escape} refused",
                       "/sandbox/ok written", "/tmp/ok written", "/dev/shm/ok written"]
     assert not any(os.path.exists(f"{folder}/{escape}") for folder in ("", "/usr", "/dev"))
