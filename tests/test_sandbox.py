@@ -261,6 +261,9 @@ def test_the_memory_cap_covers_every_child():
         print("holding", sum(os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in children))
     """, memory_mb=256, timeout=15)
     assert "holding" not in result.stdout or int(result.stdout.split()[-1]) <= 1, result  # 1 x 200 MB fits, 2 not
+    sandbox.remove_busy_cgroups()  # any cgroup whose processes were still exiting when a call ended
+    assert not [name for parent in sandbox.own_cgroups().values() for name in os.listdir(parent)
+                if name.startswith(f"nanoqwen-sandbox-{os.getpid()}-")]  # every call's cgroups are gone
 
 
 def memory_kb(field: str) -> int:

@@ -17,6 +17,7 @@ why, and `require_isolation()` stops a command with that one line, unless `requi
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import selectors
@@ -36,6 +37,7 @@ KILL_GRACE = 2.0    # seconds to wait for a killed launcher to be reaped
 WARN_EVERY = 60.0   # seconds between repeats of the unsafe-execution warning
 unsafe_allowed = False
 _last_warning = -WARN_EVERY
+busy_cgroups: list[str] = []  # cgroups whose processes were still exiting when their call ended
 
 
 @dataclass
@@ -79,6 +81,7 @@ def make_cgroups(memory_mb: int, nproc: int) -> list[str]:
     """Fresh child cgroups of this process's own (so its limits still apply) capping memory (swap included) and
     processes (nproc, and the launcher); [] when they cannot be made here (not root, no delegation): rlimits then
     do the capping."""
+    remove_busy_cgroups(0.0)
     name, made = f"nanoqwen-sandbox-{os.getpid()}-{time.monotonic_ns()}", []
     try:
         for hierarchy, parent in own_cgroups().items():
@@ -100,7 +103,8 @@ def make_cgroups(memory_mb: int, nproc: int) -> list[str]:
 
 
 def remove_cgroups(paths: list[str], wait: float = 1.0):
-    """Remove the cgroups once their processes are gone (the kernel may still be tearing the namespace down)."""
+    """Remove the cgroups once their processes are gone (the kernel may still be tearing the namespace down); those
+    still busy after `wait` seconds are left to the next call, or to the end of this process."""
     deadline = time.monotonic() + wait
     for path in reversed(paths):
         while True:
@@ -111,9 +115,15 @@ def remove_cgroups(paths: list[str], wait: float = 1.0):
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    print(f"sandbox: could not remove {path} (still busy)", file=sys.stderr)
+                    busy_cgroups.append(path)
                     break
                 time.sleep(0.005)
+
+
+@atexit.register
+def remove_busy_cgroups(wait: float = 2.0):
+    paths, busy_cgroups[:] = busy_cgroups[:], []
+    remove_cgroups(paths, wait)
 
 
 def join_cgroups(pid: int, paths: list[str]):
@@ -126,16 +136,17 @@ def join_cgroups(pid: int, paths: list[str]):
 def cgroups_work() -> bool:
     """Whether this process may make capped cgroups and move a child into them (tried once)."""
     made = make_cgroups(64, 8)
+    if not made:
+        return False
     try:
-        waiting = [PYTHON, "-I", "-S", "-c", "import sys; sys.stdin.read()"]
-        with subprocess.Popen(waiting, stdin=subprocess.PIPE) as child:
-            try:
-                join_cgroups(child.pid, made)
-            except OSError:
-                made = []
+        with subprocess.Popen([PYTHON, "-I", "-S", "-c", "import sys; sys.stdin.read()"],
+                              stdin=subprocess.PIPE) as waiting:  # until this side closes its input
+            join_cgroups(waiting.pid, made)
+        return True
+    except OSError:
+        return False
     finally:
         remove_cgroups(made)
-    return bool(made)
 
 
 def remove_tree(path: str):
