@@ -214,11 +214,11 @@ def test_sandbox_limits():
     assert not network.ok and "PermissionError" in network.stderr
     spawn = run_code("import os; os.system('echo hi')")
     assert not spawn.ok and "PermissionError" in spawn.stderr and "hi" not in spawn.stdout
-    where = run_code("import os; print(os.getcwd()); print(sorted(os.environ))")
+    where = run_code("import os; open('made', 'w').write('x'); print(os.getcwd()); print(sorted(os.environ))")
     cwd = where.stdout.splitlines()[0]
-    assert "nanoqwen-sandbox-" in cwd and where.stdout.splitlines()[1] in ("[]", "['LC_CTYPE']")
+    assert cwd == "/sandbox" and where.stdout.splitlines()[1] in ("[]", "['LC_CTYPE']")
     import os
-    assert not os.path.exists(cwd)  # the working directory is gone afterwards
+    assert not os.path.exists(os.path.join(cwd, "made"))  # a private working directory, gone afterwards
 
 
 CODE = dict(messages=[{"role": "user", "content": "Read two integers and print their sum. /think"}], reward="code",

@@ -254,6 +254,8 @@ class RLOptions(RunOptions, TaskOptions, GRPOConfig):
                                            "comparisons; the LR is constant, so an early stop changes nothing else)",
                                      type=float)
     on_bad_line: str = option("skip", "malformed JSONL lines", choices=["skip", "error"])
+    unsafe_code_execution: bool = option(False, 'run "reward": "code" programs even where the OS sandbox cannot be '
+                                                "built (rlimits only, under a repeated warning); see docs/sandbox.md")
 
 
 def rl_prompts_for(o: RLOptions, judge, reward_model) -> list[dict]:
@@ -269,6 +271,9 @@ def rl_prompts_for(o: RLOptions, judge, reward_model) -> list[dict]:
                 raise ValueError(f'{o.prompts}: prompts with "reward": "{kind}" need {flag}')
         if not prompts:
             raise ValueError(f"{o.prompts}: no usable prompts")
+        if any(r.get("reward") == "code" for r in prompts):  # model-written code runs only where it can be isolated
+            from .sandbox import require_isolation
+            require_isolation(unsafe=o.unsafe_code_execution)
         return prompts
     if o.stage == "general":
         prompts = posttrain.general_prompts(o.samples, o.seed + 2, judge is not None, reward_model is not None,

@@ -109,14 +109,20 @@ def extract_code(answer: str) -> str:
     return blocks[-1] if blocks else answer
 
 
+def passes_test(result, expected: str) -> bool:
+    """A test passes only when the program exited 0 within its time limit, its output within the cap, and that
+    output matches: printing the answer and then crashing or hanging scores as a failure."""
+    return result.ok and result.stdout.strip() == expected.strip()
+
+
 def code_reward(text: str, record: dict) -> float:
     """Fraction of the record's tests ([stdin, expected stdout] pairs) that the program in the answer (after the think
     block) passes, each run in the sandbox (`record["timeout"]` seconds each, default CODE_TIMEOUT; no network,
-    256 MB)."""
+    256 MB). A failure of the sandbox itself fails the test; it never raises."""
     _, answer = split_think(text)
     code, timeout = extract_code(answer), float(record.get("timeout", CODE_TIMEOUT))
-    passed = sum(run_code(code, stdin, timeout=timeout).stdout.strip() == expected.strip()
-                 for stdin, expected in record["tests"])
+    passed = sum(passes_test(run_code(code, stdin, timeout=timeout, max_output=max(1 << 16, 4 * len(expected))),
+                             expected) for stdin, expected in record["tests"])
     return passed / len(record["tests"])
 
 
