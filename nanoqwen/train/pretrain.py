@@ -25,7 +25,7 @@ from ..checkpoint import latest_checkpoint, load_model
 from ..config import get_preset, padded_vocab_size
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .parallelize import init_distributed, is_distributed
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, resume_checkpoint
 
 
 @dataclass
@@ -53,15 +53,47 @@ STAGES = {
              warmup=0.1, schedule="cosine", abf_factor=100.0),  # RoPE base 10,000 -> 1,000,000
 }
 SMALL_SEQ_DIVISOR = 16  # 4096 -> 256 and 32768 -> 2048: stage 3 is 8x stage 1, as in the report
-HELD_OUT_DOCUMENTS = 256  # per user corpus: its first documents are the held-out set
+# per user corpus, the held-out documents: 1% of them, at least 8, at most 256, always fewer than half
+HELD_OUT_FRACTION, HELD_OUT_MIN, HELD_OUT_MAX = 0.01, 8, 256
 
 
 def stage_seq_len(stage: int, preset: str) -> int:
     return STAGES[stage].seq_len // (SMALL_SEQ_DIVISOR if preset.startswith("nano") else 1)
 
 
-def documents(stage: int, split: str, seed: int, tokenizer, seq_len: int, corpora=(), synthetic_weight=None,
-              tasks=None, difficulty=None, languages=None):
+@dataclass
+class Corpus:
+    """A user corpus and its held-out documents: every `stride`-th one from the first, `held` of them."""
+    source: str
+    read_options: dict  # text_split and text_field of data.iter_documents
+    count: int          # its documents, counted up to HELD_OUT_MAX / HELD_OUT_FRACTION (past it the cap applies)
+    held: int
+    stride: int
+
+    def split(self, split: str):
+        """The documents of one side: "test" (held out) or "train" (the rest)."""
+        docs = data.iter_documents(self.source, **self.read_options)
+        if split == "test":  # stop after the last held-out document: never read a big corpus to its end for them
+            return itertools.islice(docs, 0, self.held * self.stride, self.stride) if self.held else iter(())
+        return (doc for i, doc in enumerate(docs) if i % self.stride or i >= self.held * self.stride) \
+            if self.held else docs
+
+
+def open_corpus(source: str, text_split: str = "paragraph", text_field: str = "text") -> Corpus:
+    """A corpus checked and counted, its held-out share sized: HELD_OUT_FRACTION of its documents, at least
+    HELD_OUT_MIN, at most HELD_OUT_MAX, and fewer than half of them, so the training side is never empty."""
+    data.check_corpus(source)
+    read_options = dict(text_split=text_split, text_field=text_field)
+    limit = int(HELD_OUT_MAX / HELD_OUT_FRACTION)
+    count = sum(1 for _ in itertools.islice(data.iter_documents(source, **read_options), limit))
+    if count == 0:
+        raise ValueError(f"{source}: no documents (every file is empty)")
+    held = min(max(HELD_OUT_MIN, round(HELD_OUT_FRACTION * count)), HELD_OUT_MAX, count // 2)
+    return Corpus(source, read_options, count, held, count // held if held else 0)
+
+
+def documents(stage: int, split: str, seed: int, tokenizer, seq_len: int, corpora: list[Corpus] = (),
+              synthetic_weight=None, tasks=None, difficulty=None, languages=None):
     """The stage's document stream: the embedded mix (or long documents) and the user's corpora, by weight.
     tasks / difficulty / languages narrow the embedded task families (difficulty replaces the stage's range)."""
     s = STAGES[stage]
@@ -73,10 +105,8 @@ def documents(stage: int, split: str, seed: int, tokenizer, seq_len: int, corpor
         synthetic = data.synthetic_corpus(split, seed, s.task_weight, s.prose_weight, tasks=tasks,
                                           difficulty=difficulty or s.difficulty, languages=languages)
     streams, weights = ([synthetic], [synthetic_weight]) if synthetic_weight > 0 else ([], [])
-    for path in corpora:
-        docs = data.iter_documents(path)
-        held = itertools.islice(docs, HELD_OUT_DOCUMENTS)
-        streams.append(held if split == "test" else itertools.islice(docs, HELD_OUT_DOCUMENTS, None))
+    for corpus in corpora:
+        streams.append(corpus.split(split))
         weights.append(1.0)
     return data.mix(streams, weights, seed)
 
@@ -99,16 +129,16 @@ def build_tokenizer(preset: str, out: str, vocab_size: int, corpora, seed: int, 
 def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: int | None = None,
               batch_size: int | None = None, grad_accum: int = 1, seq_len: int | None = None, lr: float | None = None,
               corpora=(), seed: int = 0, vocab_size: int = 4096, task_filter: dict | None = None,
-              **train_options) -> str:
-    """Train one stage; returns the path of its final checkpoint (an HF model folder). task_filter: tasks,
-    difficulty and languages of the embedded task families (as `iter_examples` takes them)."""
+              text_split: str = "paragraph", text_field: str = "text", **train_options) -> str:
+    """Train one stage; returns the path of its final checkpoint (an HF model folder). corpora: paths or hf:NAME
+    (text_split and text_field say how their files hold documents, as data.iter_documents takes them);
+    task_filter: tasks, difficulty and languages of the embedded task families (as `iter_examples` takes them)."""
     task_filter = task_filter or {}
     if stage not in STAGES:
         raise ValueError(f"--stage must be 1, 2 or 3, got {stage}")
     s, small = STAGES[stage], preset.startswith("nano")
     limit = get_preset(preset).max_position_embeddings  # an unknown preset fails here, with the known ones
-    for path in corpora:
-        data.corpus_files(path) if not path.startswith("hf:") else None  # a missing path fails now, in one line
+    corpora = [open_corpus(path, text_split, text_field) for path in corpora]  # a bad corpus fails now, in one line
     rank, world_size, device = init_distributed()
     stage_dir = os.path.join(out, f"stage{stage}")
     seq_len = seq_len or stage_seq_len(stage, preset)
@@ -116,9 +146,7 @@ def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: in
         raise ValueError(f"sequence length {seq_len} is above the model's limit (max_position_embeddings {limit})")
     batch_size = batch_size or (max(1, 4096 // seq_len) if small else 1)
     steps = steps or (s.steps if small else 10_000)
-    resume_from = latest_checkpoint(stage_dir) if resume else None
-    if resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {stage_dir}")
+    resume_from = resume_checkpoint(stage_dir) if resume else None
 
     # the model: stage 1 from scratch, later stages from the previous stage's final weights
     if rank == 0:
@@ -141,19 +169,27 @@ def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: in
 
     # the data: tokenised once into shards (rank 0), then memory-mapped by every rank
     tokens_needed = steps * grad_accum * batch_size * world_size * seq_len
-    if rank == 0 and not (resume and os.path.exists(os.path.join(stage_dir, "data", "train", "meta.json"))):
+    data_dir = os.path.join(stage_dir, "data")
+    # a one-document corpus holds nothing out: that run trains on all of it and has no held-out loss
+    splits = (("train", int(tokens_needed * 1.05) + seq_len), ("test", 8 * batch_size * seq_len))
+    splits = splits if not corpora or any(c.held for c in corpora) else splits[:1]
+    if rank == 0 and not (resume and os.path.exists(os.path.join(data_dir, "train", "meta.json"))):
         if not resume:
             shutil.rmtree(stage_dir, ignore_errors=True)
-        for split, budget in (("train", int(tokens_needed * 1.05) + seq_len), ("test", 8 * batch_size * seq_len)):
+        for split, budget in splits:
             data.write_shards(documents(stage, split, seed, tokenizer, seq_len, corpora, **task_filter), tokenizer,
-                              os.path.join(stage_dir, "data", split), max_tokens=budget)
+                              os.path.join(data_dir, split), max_tokens=budget)
     _barrier()
+    if rank == 0:
+        describe_data(data_dir, corpora, tokens_needed)
     whole = s.mix == "long"  # long documents are seen whole, never cut across rows
-    loader = data.PackedLoader(os.path.join(stage_dir, "data", "train"), batch_size, seq_len, seed, rank, world_size,
+    loader = data.PackedLoader(os.path.join(data_dir, "train"), batch_size, seq_len, seed, rank, world_size,
                                whole_documents=whole)
-    held_out = data.PackedLoader(os.path.join(stage_dir, "data", "test"), batch_size, seq_len, seed, rank, world_size,
-                                 whole_documents=whole)
-    eval_batches = [held_out.next_batch() for _ in range(4)]
+    eval_batches = []
+    if os.path.exists(os.path.join(data_dir, "test", "meta.json")):
+        held_out = data.PackedLoader(os.path.join(data_dir, "test"), batch_size, seq_len, seed, rank, world_size,
+                                     whole_documents=whole)
+        eval_batches = [held_out.next_batch() for _ in range(4)]
 
     peak_lr = lr or ((3e-3 if model.config.hidden_size <= 512 else 1e-3) if small else 3e-4) * s.lr_scale
     config = TrainConfig(out_dir=stage_dir, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=peak_lr,
@@ -167,6 +203,21 @@ def run_stage(stage: int, preset: str, out: str, resume: bool = False, steps: in
     trainer = Trainer(model, config, loader, eval_batches, tokenizer=tokenizer, device=device, resume_from=resume_from)
     trainer.train()
     return latest_checkpoint(stage_dir)
+
+
+def describe_data(data_dir: str, corpora: list[Corpus], tokens_needed: int) -> None:
+    """How each corpus was split and how many documents and tokens went to each side, in the log."""
+    for c in corpora:
+        more = "+" if c.count >= HELD_OUT_MAX / HELD_OUT_FRACTION else ""
+        print(f"data: {c.source}: {c.count:,}{more} documents, {c.held:,} held out")
+    train = data.read_meta(os.path.join(data_dir, "train"))
+    repeats = f" (seen {tokens_needed / train['num_tokens']:.1f} times)" if train["num_tokens"] < tokens_needed else ""
+    line = f"data: train {train['num_documents']:,} documents, {train['num_tokens']:,} tokens{repeats}"
+    if os.path.exists(os.path.join(data_dir, "test", "meta.json")):
+        test = data.read_meta(os.path.join(data_dir, "test"))
+        print(f"{line} | held out {test['num_documents']:,} documents, {test['num_tokens']:,} tokens")
+    else:
+        print(f"{line} | held out: none (too few documents to spare one: no held-out loss)")
 
 
 def _barrier():
