@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write
-from .config import Qwen3Config, get_preset
+from .config import Qwen3Config, get_preset, with_overrides
 from .model import Qwen3ForCausalLM
 from .qwen3_next import Qwen3NextForCausalLM
 
@@ -103,8 +103,8 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
         return model.to(dtype or torch.float32)
 
     config = Qwen3Config.from_json(path_or_preset)
-    for k, v in config_overrides.items():
-        setattr(config, k, v)
+    if config_overrides:  # checked as the file's own fields are
+        config = with_overrides(config, **config_overrides)
     files = _weight_files(path_or_preset)
     dtype = dtype or _DTYPES.get(str(config.torch_dtype).replace("torch.", ""), torch.float32)
     with torch.device("meta"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import time
@@ -29,12 +30,26 @@ def cmd_presets(args):
 
 
 def cmd_init(args):
-    """A randomly initialised model of a preset, saved as an HF checkpoint folder."""
+    """A randomly initialised model of a preset, saved as an HF checkpoint folder with its tokenizer, so every command
+    opens it: the official Qwen3 tokenizer, or --tokenizer FOLDER. The vocabulary fits the tokenizer: the preset's
+    size when the tokenizer fits in it, else the tokenizer's size rounded up to a multiple of 64 (or --vocab-size)."""
     from .checkpoint import load_model, save_model
-    model = load_model(args.preset, dtype=args.dtype, vocab_size=args.vocab_size) if args.vocab_size else \
-        load_model(args.preset, dtype=args.dtype)
+    from .config import get_preset, padded_vocab_size
+    from .tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(args.tokenizer)
+    named = f"the tokenizer at {args.tokenizer}" if args.tokenizer else "the official Qwen3 tokenizer"
+    preset_size = get_preset(args.preset).vocab_size
+    vocab_size = args.vocab_size or (preset_size if preset_size >= tokenizer.vocab_size else
+                                     padded_vocab_size(tokenizer.vocab_size))
+    if vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"--vocab-size {vocab_size:,} is smaller than {named} ({tokenizer.vocab_size:,} tokens)")
+    if vocab_size != preset_size and not args.vocab_size:
+        print(f"vocab_size {preset_size:,} -> {vocab_size:,} to fit {named} ({tokenizer.vocab_size:,} tokens)"
+              + ("" if args.tokenizer else "; --tokenizer FOLDER (e.g. from tokenizer-train) keeps it small"))
+    model = load_model(args.preset, dtype=args.dtype, vocab_size=vocab_size)
     save_model(model, args.out)
-    print(f"saved {args.preset} ({model.config.num_parameters():,} parameters) to {args.out}")
+    tokenizer.save(args.out)
+    print(f"saved {args.preset} ({model.config.num_parameters():,} parameters) with {named} to {args.out}")
 
 
 def cmd_demo(args):
@@ -61,7 +76,7 @@ def cmd_demo(args):
 
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-CHAT_HELP = "commands: /think  /no_think  /budget N|off  /reset  /exit"
+CHAT_HELP = "commands: /think  /no_think  /budget N|off  /reset  /help  /exit"
 
 
 def _sampling_kwargs(args) -> dict:
@@ -82,18 +97,31 @@ def _add_speculative_flags(p) -> None:
 
 
 def _print_stream(chunks, color: bool):
-    """Write streamed text as it comes, reasoning dimmed (think tags hidden) when color is on; returns the result."""
-    result, dimmed = None, False
+    """Write streamed text as it comes; returns the result. With color on, reasoning is dimmed and its think tags
+    hidden, with the newlines around them: one blank line between the thinking and the answer, none before."""
+    if not color:
+        result = None
+        for chunk in chunks:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            result = chunk.result or result
+        return result
+    result, dimmed, kind, started, held = None, False, None, False, ""
     for chunk in chunks:
-        text = chunk.text
-        if color and chunk.kind == "reasoning":
-            text = text.replace("<think>", "").replace("</think>", "")
-        if color and text and dimmed != (chunk.kind == "reasoning"):
-            dimmed = not dimmed
-            text = (DIM if dimmed else RESET) + text
-        sys.stdout.write(text)
-        sys.stdout.flush()
         result = chunk.result or result
+        if chunk.kind != kind:  # thinking ends (or starts): newlines held back at the end of the last part are dropped
+            kind, held, started = chunk.kind, "\n\n" if started else "", False
+        text = chunk.text.replace("<think>", "").replace("</think>", "") if kind == "reasoning" else chunk.text
+        text = text if started else text.lstrip("\n")
+        body = text.rstrip("\n")
+        if body:
+            if dimmed != (kind == "reasoning"):
+                dimmed = not dimmed
+                sys.stdout.write(DIM if dimmed else RESET)
+            sys.stdout.write(held + body)
+            sys.stdout.flush()
+            started, held = True, ""
+        held += text[len(body):]  # trailing newlines wait: more text of this kind shows them, a new kind drops them
     if dimmed:
         sys.stdout.write(RESET)
     return result
@@ -103,6 +131,8 @@ def cmd_generate(args):
     """One prompt (flag or stdin) through the chat template (or raw), streamed to stdout."""
     from .engine import generate, load
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    if not prompt.strip():
+        raise ValueError("the prompt is empty: pass --prompt TEXT, or pipe the prompt to standard input")
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": prompt}]
@@ -122,8 +152,11 @@ def cmd_generate(args):
 
 
 def _chat_command(line: str, state: dict) -> bool:
-    """Apply a /command typed in the chat; False if the line is a message (soft switches like `/no_think hi` are)."""
+    """Apply a /command typed in the chat; False if the line is a message (soft switches like `/no_think hi` are,
+    and so is a line that only starts with a slash, like a path). An unknown command shows the list."""
     words = line.split()
+    if not re.fullmatch(r"/\w+", words[0]) or (words[0] in ("/think", "/no_think") and len(words) > 1):
+        return False
     if words == ["/think"] or words == ["/no_think"]:
         state["enable_thinking"] = words[0] == "/think"
         print(f"thinking {'on' if state['enable_thinking'] else 'off'}")
@@ -142,7 +175,7 @@ def _chat_command(line: str, state: dict) -> bool:
     elif words == ["/help"]:
         print(CHAT_HELP)
     else:
-        return False
+        print(f"unknown command {line!r}; {CHAT_HELP}")
     return True
 
 
@@ -214,9 +247,10 @@ def cmd_tokenize(args):
     from . import data
     from .tokenizer import load_tokenizer
     for path in args.inputs:
-        data.corpus_files(path) if not path.startswith("hf:") else None
+        data.check_corpus(path)
     tokenizer = load_tokenizer(args.tokenizer)
-    docs = data.mix([data.iter_documents(path) for path in args.inputs], [1.0] * len(args.inputs), args.seed)
+    docs = data.mix([data.iter_documents(path, **_corpus_options(args)) for path in args.inputs],
+                    [1.0] * len(args.inputs), args.seed)
     meta = data.write_shards(docs, tokenizer, args.out, max_tokens=args.max_tokens)
     print(f"{meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {len(meta['shards'])} shard(s) "
           f"at {args.out}")
@@ -228,11 +262,25 @@ def cmd_tokenizer_train(args):
     from . import data
     from .tokenizer import train_tokenizer
     for path in args.inputs:
-        data.corpus_files(path) if not path.startswith("hf:") else None
-    docs = itertools.islice(data.mix([data.iter_documents(p) for p in args.inputs], [1.0] * len(args.inputs), 0),
-                            args.max_documents)
+        data.check_corpus(path)
+    docs = itertools.islice(data.mix([data.iter_documents(p, **_corpus_options(args)) for p in args.inputs],
+                                     [1.0] * len(args.inputs), 0), args.max_documents)
     tokenizer = train_tokenizer(docs, args.vocab_size, save_dir=args.out)
     print(f"trained a {tokenizer.vocab_size:,}-token tokenizer, saved to {args.out}")
+
+
+def _add_corpus_flags(p: argparse.ArgumentParser) -> None:
+    """How corpus files hold documents (pretrain --data, tokenize, tokenizer-train)."""
+    from .data import TEXT_SPLITS
+    p.add_argument("--text-split", choices=TEXT_SPLITS, default="paragraph",
+                   help=".txt documents: paragraphs (separated by blank lines), lines, or whole files "
+                        "(default: paragraph)")
+    p.add_argument("--text-field", default="text",
+                   help="the .jsonl / hf: field or .parquet column that holds a document's text (default: text)")
+
+
+def _corpus_options(args) -> dict:
+    return dict(text_split=args.text_split, text_field=args.text_field)
 
 
 # --- the training recipe's stages (nanoqwen/train/): each is an options dataclass and a `run` function in its
@@ -310,11 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("init", help="save a randomly initialised preset as an HF checkpoint folder")
+    p = sub.add_parser("init",
+                       help="save a randomly initialised preset, with its tokenizer, as an HF checkpoint folder")
+    _one_line_errors(p)
     p.add_argument("preset")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--vocab-size", type=_positive_int, default=None)
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder saved with the model (default: the official Qwen3 tokenizer)")
+    p.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="embedding rows (default: the preset's, or the tokenizer's size rounded up to 64 when larger)")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("speedrun", help="the whole Qwen3 recipe on the embedded data in a time budget, then a report "
@@ -370,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the official Qwen3 tokenizer)")
     p.add_argument("--out", required=True)
     p.add_argument("--max-tokens", type=_positive_int, default=None)
+    _add_corpus_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tokenize)
 
@@ -379,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_positive_int, required=True)
     p.add_argument("--max-documents", type=_positive_int, default=100_000)
     p.add_argument("--out", required=True)
+    _add_corpus_flags(p)
     p.set_defaults(func=cmd_tokenizer_train)
     _add_stage_parsers(sub)
     return parser

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,8 +66,12 @@ class Qwen3Config:
     shared_expert_intermediate_size: int = 0
 
     def __post_init__(self):
+        check_fields(self)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim < 1:
+                raise ValueError(f"hidden_size ({self.hidden_size}) // num_attention_heads "
+                                 f"({self.num_attention_heads}) gives head_dim 0: set head_dim, or fewer heads")
         if self.is_hybrid:
             if self.layer_types is None:
                 self.layer_types = ["full_attention" if (i + 1) % self.full_attention_interval == 0
@@ -85,10 +90,16 @@ class Qwen3Config:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts})")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Qwen3 uses 'silu')")
+        if any(not 0 <= i < self.num_hidden_layers for i in self.mlp_only_layers):
+            raise ValueError(f"mlp_only_layers = {self.mlp_only_layers}: each must be a layer index in "
+                             f"0..{self.num_hidden_layers - 1}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ("default", "yarn"):
                 raise ValueError(f"rope_scaling type {kind!r} is not supported (use 'yarn' or none)")
+            factor = self.rope_scaling.get("factor")
+            if kind == "yarn" and not (_is_number(factor) and factor > 0):
+                raise ValueError(f"rope_scaling factor = {factor!r}: yarn needs a number > 0")
 
     # --- derived facts ---
     @property
@@ -121,6 +132,8 @@ class Qwen3Config:
     # --- HF config.json in and out ---
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen3Config":
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got a JSON {_json_kind(d)}")
         d = dict(d)
         model_type = d.get("model_type", "qwen3")
         base = dict({"qwen3_moe": _MOE_DEFAULTS, "qwen3_next": _NEXT_DEFAULTS}.get(model_type, {}))
@@ -145,11 +158,15 @@ class Qwen3Config:
             path = os.path.join(path, "config.json")
         try:
             with open(path, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f))
+                fields = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(fields)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -188,6 +205,92 @@ class Qwen3Config:
                 mlp = 3 * H * self.intermediate_size
             total += (linear if self.is_linear_layer(i) else attn) + mlp + 2 * H
         return total
+
+
+# What each field may hold: (check, what is allowed). A config is checked when it is made (read from config.json,
+# a preset, a preset with overrides), so a bad value fails there, in one line, and not deep inside the model.
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(low: int, optional: bool = False):
+    return (lambda v: (optional and v is None) or (_is_int(v) and v >= low),
+            f"an integer >= {low}" + (" or null" if optional else ""))
+
+
+def _number(ok, allowed: str):
+    return lambda v: _is_number(v) and ok(v), f"a number {allowed}"
+
+
+_BOOLEAN = (lambda v: isinstance(v, bool), "true or false")
+_TOKEN_ID = _integer(0, optional=True)
+MODEL_TYPES = ("qwen3", "qwen3_moe", "qwen3_next")
+DTYPES = ("float32", "bfloat16", "float16")
+FIELD_RULES = {
+    "model_type": (lambda v: v in MODEL_TYPES, f"one of {', '.join(MODEL_TYPES)}"),
+    "vocab_size": _integer(1), "hidden_size": _integer(1), "intermediate_size": _integer(1),
+    "num_hidden_layers": _integer(1), "num_attention_heads": _integer(1), "num_key_value_heads": _integer(1),
+    "head_dim": _integer(1, optional=True),
+    "hidden_act": (lambda v: v == "silu", "'silu' (the activation Qwen3 uses)"),
+    "max_position_embeddings": _integer(1),
+    "initializer_range": _number(lambda v: v >= 0, ">= 0"),
+    "rms_norm_eps": _number(lambda v: v > 0, "> 0"),
+    "tie_word_embeddings": _BOOLEAN,
+    "rope_theta": _number(lambda v: v > 0, "> 0"),
+    "rope_scaling": (lambda v: v is None or isinstance(v, dict), "an object (e.g. {\"rope_type\": \"yarn\", "
+                                                               "\"factor\": 4.0}) or null"),
+    "attention_bias": _BOOLEAN,
+    "attention_dropout": _number(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "use_sliding_window": _BOOLEAN,
+    "sliding_window": _integer(1, optional=True),
+    "max_window_layers": _integer(0),
+    "bos_token_id": _TOKEN_ID,
+    "eos_token_id": (lambda v: _TOKEN_ID[0](v) or (isinstance(v, list) and v and all(map(_TOKEN_ID[0], v))),
+                     "a token id (an integer >= 0), a list of them, or null"),
+    "pad_token_id": _TOKEN_ID,
+    "torch_dtype": (lambda v: v is None or (isinstance(v, str) and v.removeprefix("torch.") in DTYPES),
+                    f"one of {', '.join(DTYPES)}, or null"),
+    "num_experts": _integer(0),
+    "num_experts_per_tok": _integer(1),
+    "moe_intermediate_size": _integer(1),
+    "norm_topk_prob": _BOOLEAN,
+    "decoder_sparse_step": _integer(1),
+    "mlp_only_layers": (lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of layer indices"),
+    "router_aux_loss_coef": _number(lambda v: v >= 0, ">= 0"),
+    "output_router_logits": _BOOLEAN,
+    "layer_types": (lambda v: v is None or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+                    "a list of layer kinds or null"),
+    "full_attention_interval": _integer(1),
+    "partial_rotary_factor": _number(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "linear_conv_kernel_dim": _integer(1), "linear_key_head_dim": _integer(1), "linear_value_head_dim": _integer(1),
+    "linear_num_key_heads": _integer(1), "linear_num_value_heads": _integer(1),
+    "shared_expert_intermediate_size": _integer(0),
+}
+
+
+def check_fields(config: Qwen3Config) -> None:
+    """Every field's type and range; the first bad one is a ValueError naming the field, its value and what is
+    allowed."""
+    for name, (ok, allowed) in FIELD_RULES.items():
+        value = getattr(config, name)
+        if not ok(value):
+            raise ValueError(f"{name} = {json.dumps(value) if _jsonable(value) else repr(value)}: must be {allowed}")
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 # Defaults transformers' Qwen3MoeConfig uses where a qwen3_moe config.json leaves a key out.
@@ -277,11 +380,18 @@ SMALL_PRESETS = {f"nano-d{d}": dict(depth=d) for d in (2, 4, 6, 8, 12)} | \
 PRESETS = sorted(_RELEASED) + sorted(SMALL_PRESETS)
 
 
+def with_overrides(config: Qwen3Config, **overrides) -> Qwen3Config:
+    """A copy of a config with some fields changed, checked as a config.json is."""
+    unknown = sorted(set(overrides) - set(FIELD_RULES))
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
 def get_preset(name: str, **overrides) -> Qwen3Config:
     """A named preset (released model or small), with field overrides (e.g. vocab_size for a trained tokenizer)."""
     if name in _RELEASED:
-        return Qwen3Config(**(_RELEASED_COMMON | _RELEASED[name] | overrides))
+        return with_overrides(Qwen3Config(**(_RELEASED_COMMON | _RELEASED[name])), **overrides)
     if name in SMALL_PRESETS:
-        cfg = small_config(**SMALL_PRESETS[name])
-        return dataclasses.replace(cfg, **overrides) if overrides else cfg
+        return with_overrides(small_config(**SMALL_PRESETS[name]), **overrides)
     raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")

@@ -1,6 +1,7 @@
 """Training data: corpora in, token shards on disk, packed fixed-length batches out.
 
     documents  iter_documents(path)       local .txt / .jsonl / .parquet files or folders, or "hf:NAME[:CONFIG]"; streamed
+                                          (.txt: one document per paragraph, per line, or per file)
                synthetic_corpus(...)      the embedded task generators + general prose, mixed by weights
                long_documents(...)        stage 3: related task examples, prose and passkey documents of target lengths
                mix(streams, weights)      one deterministic stream from several
@@ -13,6 +14,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -24,7 +26,8 @@ import numpy as np
 import torch
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
-TXT_PIECE_CHARS = 1 << 20  # a huge .txt file is streamed as documents of about 1M characters, cut at line ends
+TEXT_SPLITS = ("paragraph", "line", "file")  # how a .txt file is cut into documents
+TXT_PIECE_CHARS = 1 << 20  # a longer .txt document is cut at the first line end past ~1M characters
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -35,17 +38,23 @@ def render_messages(messages: list[dict]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m.get('content') or ''}<|im_end|>\n" for m in messages)
 
 
-def _read_txt(path):
-    with open(path, encoding="utf-8") as f:
-        piece, size = [], 0
-        for line in f:
-            piece.append(line)
-            size += len(line)
-            if size >= TXT_PIECE_CHARS:
-                yield "".join(piece)
-                piece, size = [], 0
-        if piece:
-            yield "".join(piece)
+def _read_txt(path, text_split: str = "paragraph"):
+    """The documents of a text file: its paragraphs (runs of lines between blank lines), its lines, or the whole
+    file; any document is cut at a line end once it passes ~1M characters."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            piece, size = [], 0
+            for line in f:
+                blank = not line.strip()
+                if not (blank and text_split == "paragraph"):
+                    piece.append(line)
+                    size += len(line)
+                if text_split == "line" or (blank and text_split == "paragraph") or size >= TXT_PIECE_CHARS:
+                    yield "".join(piece).rstrip("\n")
+                    piece, size = [], 0
+            yield "".join(piece).rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
 
 
 def iter_jsonl(path: str, check=None, on_bad_line: str = "error"):
@@ -76,35 +85,46 @@ def iter_jsonl(path: str, check=None, on_bad_line: str = "error"):
         print(f"{path}: {bad} malformed line(s) skipped, {kept} kept", file=sys.stderr)
 
 
-def _check_document(record) -> str | None:
-    if isinstance(record, dict) and (isinstance(record.get("text"), str) or isinstance(record.get("messages"), list)):
-        return None
-    return "a record needs a 'text' string or a 'messages' list"
+def _read_jsonl(path, text_field: str = "text"):
+    def check(record) -> str | None:
+        if isinstance(record, dict) and (isinstance(record.get(text_field), str)
+                                         or isinstance(record.get("messages"), list)):
+            return None
+        return f"a record needs a {text_field!r} string or a 'messages' list"
+
+    for record in iter_jsonl(path, check):
+        text = record.get(text_field)
+        yield text if isinstance(text, str) else render_messages(record["messages"])
 
 
-def _read_jsonl(path):
-    for record in iter_jsonl(path, _check_document):
-        yield record["text"] if isinstance(record.get("text"), str) else render_messages(record["messages"])
-
-
-def _read_parquet(path):
-    import pyarrow.parquet as pq  # optional dependency, needed only for parquet corpora
+def _read_parquet(path, text_field: str = "text"):
+    pq = _optional_import("pyarrow.parquet", "pyarrow", "a .parquet corpus")
     file = pq.ParquetFile(path)
-    if "text" not in file.schema_arrow.names:
-        raise ValueError(f"{path}: a parquet corpus needs a 'text' column (has {file.schema_arrow.names})")
-    for batch in file.iter_batches(columns=["text"], batch_size=1024):
-        yield from (text for text in batch.column(0).to_pylist() if text)
+    if text_field not in file.schema_arrow.names:
+        raise ValueError(f"{path}: no {text_field!r} column (it has {', '.join(file.schema_arrow.names)}; "
+                         f"name the text column with --text-field)")
+    for batch in file.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (text for text in batch.column(0).to_pylist() if isinstance(text, str))
 
 
-def _read_hf(spec: str):
-    import datasets  # imported lazily: only for hf: corpora, and it needs the network
+def _read_hf(spec: str, text_field: str = "text"):
+    datasets = _optional_import("datasets", "datasets", f"hf:{spec}")  # it streams over the network
     name, _, config = spec.partition(":")
     dataset = datasets.load_dataset(name, config or None, split="train", streaming=True)
     for record in dataset:
-        yield record["text"] if "text" in record else render_messages(record["messages"])
+        text = record.get(text_field)
+        if not isinstance(text, str) and not isinstance(record.get("messages"), list):
+            raise ValueError(f"hf:{spec}: a record has no {text_field!r} string (its fields: {', '.join(record)}; "
+                             f"name the text field with --text-field)")
+        yield text if isinstance(text, str) else render_messages(record["messages"])
 
 
-_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+def _optional_import(module: str, package: str, what: str):
+    """A package only some corpora need; its absence is one line naming what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeError(f"{what} needs the {package} package: pip install {package}") from None
 
 
 def corpus_files(path: str) -> list[str]:
@@ -122,12 +142,28 @@ def corpus_files(path: str) -> list[str]:
     return files
 
 
-def iter_documents(source: str):
-    """Stream the documents of a corpus: a path (file or folder) or "hf:NAME[:CONFIG]" (a HF dataset, streamed)."""
+def check_corpus(source: str) -> None:
+    """Fail now, in one line, on a corpus that cannot be read: a missing path, a folder without data files, a
+    package its files need that is not installed."""
     if source.startswith("hf:"):
-        return _read_hf(source[3:])
+        _optional_import("datasets", "datasets", source)
+    elif any(file.endswith(".parquet") for file in corpus_files(source)):
+        _optional_import("pyarrow.parquet", "pyarrow", "a .parquet corpus")
+
+
+def iter_documents(source: str, text_split: str = "paragraph", text_field: str = "text"):
+    """Stream the documents of a corpus: a path (file or folder) or "hf:NAME[:CONFIG]" (a HF dataset, streamed).
+    text_split: a .txt file's documents are its paragraphs (separated by blank lines), its lines, or the whole file.
+    text_field: the key (.jsonl, hf:) or column (.parquet) holding a document's text; a record without it may hold
+    a chat as 'messages' instead."""
+    if text_split not in TEXT_SPLITS:
+        raise ValueError(f"text_split must be one of {', '.join(TEXT_SPLITS)}, got {text_split!r}")
+    if source.startswith("hf:"):
+        return (doc for doc in _read_hf(source[3:], text_field) if doc.strip())
+    readers = {".txt": lambda file: _read_txt(file, text_split), ".jsonl": lambda file: _read_jsonl(file, text_field),
+               ".parquet": lambda file: _read_parquet(file, text_field)}
     files = corpus_files(source)
-    return (doc for file in files for doc in _READERS[os.path.splitext(file)[1]](file) if doc.strip())
+    return (doc for file in files for doc in readers[os.path.splitext(file)[1]](file) if doc.strip())
 
 
 def mix(streams: list, weights: list[float], seed: int):

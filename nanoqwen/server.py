@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import itertools
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -449,12 +451,34 @@ async def _completion_stream(server: Server, http, requests: list, head: dict, b
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
           max_len: int | None = None, dtype=None, device=None, model_name: str | None = None,
           speculative: str | None = None, num_speculative_tokens: int = 3) -> None:
-    """Load a checkpoint folder and serve it until interrupted."""
+    """Bind the port (a port in use fails at once, before the model loads), load a checkpoint folder and serve it
+    until interrupted."""
     import uvicorn
     from .engine import load
+    sock = bind(host, port)
     model, tokenizer = load(path, dtype=dtype, device=device)
     name = model_name or os.path.basename(os.path.normpath(path))
     app = create_app(model, tokenizer, name, max_batch=max_batch, max_len=max_len, api_key=api_key,
                      speculative=speculative, num_speculative_tokens=num_speculative_tokens)
-    print(f"serving {name} on http://{host}:{port}/v1 ({max_batch} slots of {app.state.server.max_len} tokens)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    sock.listen(2048)  # from here a client waits in the queue while the server starts, never refused
+    address = f"[{host}]" if ":" in host else host
+    print(f"serving {name} on http://{address}:{sock.getsockname()[1]}/v1 ({max_batch} slots of "
+          f"{app.state.server.max_len} tokens)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free one); an address that cannot be bound is one line."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as e:
+        raise RuntimeError(f"cannot serve on {host}:{port}: {e.strerror}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart may reuse a closing port
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = ": another program is listening there; pick another --port" if e.errno == errno.EADDRINUSE else ""
+        raise RuntimeError(f"cannot serve on {host}:{port}: {e.strerror}{hint}") from None
+    return sock

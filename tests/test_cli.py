@@ -102,6 +102,49 @@ def test_chat_keeps_history_with_reasoning(thinker_dir, monkeypatch, capsys):
     assert "Hello" in capsys.readouterr().out
 
 
+def test_chat_shows_the_commands_for_an_unknown_one(thinker_dir, monkeypatch, capsys):
+    """An unknown /command (or a known one with stray words) is not sent to the model; soft switches and lines that
+    only start with a slash are messages."""
+    import nanoqwen.engine as engine
+    seen, real_generate = [], engine.generate
+
+    def recording_generate(model, tokenizer, messages, **kwargs):
+        seen.append(messages[-1]["content"])
+        return real_generate(model, tokenizer, messages, **kwargs)
+
+    lines = iter(["/thnik", "/reset everything", "/no_think hi", "/usr/bin is a folder", "/exit"])
+    monkeypatch.setattr(engine, "generate", recording_generate)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    cli.main(["chat", "--model", thinker_dir, "--device", "cpu", "--max-new-tokens", "4"])
+    assert seen == ["/no_think hi", "/usr/bin is a folder"]
+    out = capsys.readouterr().out
+    assert f"unknown command '/thnik'; {cli.CHAT_HELP}\n" in out
+    assert f"unknown command '/reset everything'; {cli.CHAT_HELP}\n" in out
+
+
+def test_hidden_think_blocks_leave_no_blank_line_runs(tok, monkeypatch, capsys):
+    """Thinking that starts and ends with newlines, then an answer after more: shown as dimmed thinking, one blank
+    line, the answer (no tags, no runs of blank lines); an empty think block shows nothing at all."""
+    from nanoqwen.engine import generate
+    newline, blank, blank3, blank4 = (tok.encode(s)[0] for s in ("\n", "\n\n", "\n\n\n", "\n\n\n\n"))
+    word, answer = tok.encode(" hmm")[0], tok.encode("Hello")[0]
+    thinks = {newline: tok.think_start_id, tok.think_start_id: blank, blank: word, word: blank3,
+              blank3: tok.think_end_id, tok.think_end_id: blank4, blank4: answer, answer: tok.eos_token_id}
+    empty = {newline: tok.think_start_id, tok.think_start_id: blank, blank: tok.think_end_id,
+             tok.think_end_id: blank4, blank4: answer, answer: tok.eos_token_id}
+    shown = []
+    for script in (thinks, empty):
+        stream = generate(scripted_model(script), tok, [{"role": "user", "content": "hi"}], stream=True,
+                          max_new_tokens=20)
+        result = cli._print_stream(stream, color=True)
+        shown.append(capsys.readouterr().out)
+        assert result.content == "Hello"
+    assert shown == [DIM + " hmm" + RESET + "\n\nHello", "Hello"]
+    cli._print_stream(generate(scripted_model(thinks), tok, [{"role": "user", "content": "hi"}], stream=True,
+                               max_new_tokens=20), color=False)
+    assert capsys.readouterr().out == "<think>\n\n hmm\n\n\n</think>\n\n\n\nHello"  # not a terminal: as generated
+
+
 def test_generate_prompt_flag_and_stdin(thinker_dir):
     out = nanoqwen("generate", "--model", thinker_dir, "--prompt", "hi", "--thinking-budget", "2")
     assert out.returncode == 0, out.stderr
@@ -129,7 +172,7 @@ def test_generate_raw_from_a_folder_with_its_own_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "broken", "too_long", "bad_top_p", "bad_number", "bad_tokens",
-                                  "bad_draft"])
+                                  "bad_draft", "empty_stdin", "blank_prompt"])
 def test_generate_errors_are_one_line(thinker_dir, tmp_path, case):
     (tmp_path / "config.json").write_text("{not json")
     args = {
@@ -140,11 +183,36 @@ def test_generate_errors_are_one_line(thinker_dir, tmp_path, case):
         "bad_number": ["--model", thinker_dir, "--temperature", "warm"],
         "bad_tokens": ["--model", thinker_dir, "--max-new-tokens", "0"],
         "bad_draft": ["--model", thinker_dir, "--speculative", "eagle"],
+        "empty_stdin": ["--model", thinker_dir],
+        "blank_prompt": ["--model", thinker_dir, "--prompt", " \n"],
     }[case]
-    out = nanoqwen("generate", *args)
+    out = nanoqwen("generate", *args, stdin="")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("nanoqwen generate: error: ") and out.stderr.count("\n") == 1, out.stderr
     expected = {"missing": "no checkpoint folder", "broken": "not valid JSON", "too_long": "context",
                 "bad_top_p": "--top-p", "bad_number": "expected a number", "bad_tokens": "--max-new-tokens",
-                "bad_draft": "--speculative"}[case]
+                "bad_draft": "--speculative", "empty_stdin": "the prompt is empty", "blank_prompt": "the prompt is empty"}[case]
     assert expected in out.stderr
+
+
+def test_init_writes_a_folder_every_command_opens(tmp_path, capsys):
+    """The official tokenizer (the vocabulary grown to fit it), or the one named with --tokenizer (the preset's
+    vocabulary when it fits): either way generate opens the folder and the tokenizer is saved beside the weights."""
+    from nanoqwen.engine import load
+    own = train_tokenizer(["the quick brown fox jumps over the lazy dog\n"] * 20, 300, str(tmp_path / "own"))
+    cli.main(["init", "nano-d2", "--out", str(tmp_path / "official")])
+    assert "vocab_size 8,192 -> 151,680 to fit the official Qwen3 tokenizer (151,669 tokens)" in capsys.readouterr().out
+    cli.main(["init", "nano-d2", "--out", str(tmp_path / "named"), "--tokenizer", str(tmp_path / "own")])
+    for name, vocab_size, tokenizer in (("official", 151680, load_tokenizer()), ("named", 8192, own)):
+        model, loaded = load(str(tmp_path / name), device="cpu")
+        assert model.config.vocab_size == vocab_size and loaded.vocab_size == tokenizer.vocab_size
+        assert loaded.encode("the quick fox") == tokenizer.encode("the quick fox")
+    out = nanoqwen("generate", "--model", str(tmp_path / "named"), "--prompt", "the", "--max-new-tokens", "3",
+                   "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["usage"]["completion_tokens"] == 3, out.stderr
+    with pytest.raises(SystemExit):
+        cli.main(["init", "nano-d2", "--out", str(tmp_path / "small"), "--vocab-size", "256", "--tokenizer",
+                  str(tmp_path / "own")])
+    assert capsys.readouterr().err == (f"nanoqwen init: error: --vocab-size 256 is smaller than the tokenizer at "
+                                       f"{tmp_path / 'own'} (300 tokens)\n")
+    assert not os.path.exists(tmp_path / "small")

@@ -2,6 +2,7 @@
 import itertools
 import json
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -34,13 +35,59 @@ def test_local_corpora_stream(tmp_path):
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
     pq.write_table(pa.table({"text": ["row one", "row two"]}), tmp_path / "c.parquet")
     docs = list(data.iter_documents(str(tmp_path)))
-    assert docs == ["a plain text document\n", "row one", "row two", "from jsonl",
+    assert docs == ["a plain text document", "row one", "row two", "from jsonl",
                     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"]
     with pytest.raises(FileNotFoundError, match="no data at"):
         data.iter_documents(str(tmp_path / "missing"))
     (tmp_path / "bad.jsonl").write_text('{"title": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         list(data.iter_documents(str(tmp_path / "bad.jsonl")))
+
+
+def test_text_files_split_into_documents(tmp_path):
+    """Paragraphs (blank or whitespace-only lines between them) by default, else one per line or one per file."""
+    (tmp_path / "a.txt").write_text("first paragraph,\nits second line\n\n\n  \nsecond paragraph\n\nthird")
+    (tmp_path / "b.txt").write_bytes(b"windows one\r\n\r\nwindows two\r\n")
+    by = lambda split: list(data.iter_documents(str(tmp_path), text_split=split))  # noqa: E731
+    assert by("paragraph") == ["first paragraph,\nits second line", "second paragraph", "third", "windows one",
+                               "windows two"]
+    assert list(data.iter_documents(str(tmp_path))) == by("paragraph")  # the default
+    assert by("line") == ["first paragraph,", "its second line", "second paragraph", "third", "windows one",
+                          "windows two"]
+    assert by("file") == ["first paragraph,\nits second line\n\n\n  \nsecond paragraph\n\nthird",
+                          "windows one\n\nwindows two"]
+    with pytest.raises(ValueError, match="text_split must be one of paragraph, line, file"):
+        data.iter_documents(str(tmp_path), text_split="sentence")
+    (tmp_path / "c.txt").write_bytes(b"caf\xe9\n")  # Latin-1, not UTF-8: one line naming the file
+    with pytest.raises(ValueError, match="c.txt: not UTF-8 text"):
+        list(data.iter_documents(str(tmp_path / "c.txt")))
+
+
+def test_text_field_of_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "from the body field", "text": 3}) + "\n")
+    pq.write_table(pa.table({"id": [1, 2], "body": ["row one", None]}), tmp_path / "b.parquet")
+    assert list(data.iter_documents(str(tmp_path), text_field="body")) == ["from the body field", "row one"]
+    with pytest.raises(ValueError, match="a.jsonl:1: a record needs a 'text' string"):
+        list(data.iter_documents(str(tmp_path / "a.jsonl")))
+    with pytest.raises(ValueError, match="b.parquet: no 'text' column \\(it has id, body; name the text column with "
+                                         "--text-field\\)"):
+        list(data.iter_documents(str(tmp_path / "b.parquet")))
+
+
+@pytest.mark.parametrize("module,source", [("datasets", "hf:someone/corpus"), ("pyarrow.parquet", "c.parquet")])
+def test_a_missing_optional_package_is_one_line(tmp_path, monkeypatch, module, source):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["row"]}), tmp_path / "c.parquet")
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises ImportError
+    package = module.split(".")[0]
+    source = source if source.startswith("hf:") else str(tmp_path / source)
+    with pytest.raises(RuntimeError, match=f"needs the {package} package: pip install {package}$"):
+        data.check_corpus(source)
+    with pytest.raises(RuntimeError, match=f"pip install {package}$"):
+        list(data.iter_documents(source))
 
 
 def test_mix_follows_weights_and_is_deterministic():

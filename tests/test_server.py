@@ -447,22 +447,17 @@ def test_server_survives_the_fuzzing(small):
 # The CLI
 
 def test_serve_command_with_api_key(small_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """`nanoqwen serve` on a free port (--port 0): the "serving" line names the bound port, which answers at once."""
     env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "nanoqwen", "serve", "--model", small_dir, "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "nanoqwen", "serve", "--model", small_dir, "--port", "0",
                                 "--api-key", "sesame", "--max-batch", "2", "--max-len", "128"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        line = process.stdout.readline()
+        assert line.startswith(f"serving {os.path.basename(small_dir)} on http://127.0.0.1:"), line
+        url = line.split(" on ")[1].split("/v1")[0]
+        assert int(url.rsplit(":", 1)[1]) > 0
+        assert httpx.get(url + "/health", timeout=30).status_code == 200  # listening when the line is printed
         with pytest.raises(openai.AuthenticationError):
             client(url).models.list()
         good = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
@@ -472,6 +467,19 @@ def test_serve_command_with_api_key(small_dir):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_serve_on_a_port_in_use_is_one_line(small_dir):
+    env = {**os.environ, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "nanoqwen", "serve", "--model", small_dir, "--port", str(port)],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == ""  # no "serving" line for a server that never served
+    assert run.stderr == (f"nanoqwen serve: error: cannot serve on 127.0.0.1:{port}: Address already in use: another "
+                          f"program is listening there; pick another --port\n")
 
 
 def _reasoning(delta) -> str:

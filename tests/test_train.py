@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from nanoqwen import cli, data
 from nanoqwen.checkpoint import load_model
 from nanoqwen.model import ExpertCounter
 from nanoqwen.tokenizer import train_tokenizer
-from nanoqwen.train import TrainConfig, Trainer, evaluate, latest_checkpoint, lr_multiplier
+from nanoqwen.train import TrainConfig, Trainer, evaluate, latest_checkpoint, lr_multiplier, pretrain
+from nanoqwen.train.trainer import Compute, MeteredTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -133,6 +135,48 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(shard_dir, tmp_p
     assert not [name for name in os.listdir(out) if name.startswith(".tmp")]  # the torn write was cleaned up
 
 
+def test_resume_says_where_and_counts_each_step_once(shard_dir, tmp_path, capsys):
+    """A run that went on past its checkpoint (then crashed) resumes from it: one line says where, and the records
+    the crashed run wrote after it are dropped (metrics.jsonl, GRPO's rl_metrics.jsonl, a torn last line), the file
+    replaced whole; compute totals restart from the checkpoint's."""
+    out = tmp_path / "run"
+    straight = make_metered_trainer(shard_dir, str(out), steps=4, save_every=2)
+    straight.train()
+    totals = dict(straight.compute.totals)
+    with open(out / "rl_metrics.jsonl", "w") as f:
+        f.write("".join(json.dumps(dict(rl_step=k, step=2 * k)) + "\n" for k in (1, 2)) + '{"rl_step": 3, "st')
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # torn by the crash
+    inode = os.stat(out / "metrics.jsonl").st_ino
+    capsys.readouterr()
+    resumed = make_metered_trainer(shard_dir, str(out), steps=4, resume_from=str(out / "step_000002"))
+    assert capsys.readouterr().out == f"resumed from step 2 (checkpoint {out / 'step_000002'})\n"
+    steps = lambda name: [json.loads(line)["step"] for line in open(out / name)]  # noqa: E731
+    assert steps("metrics.jsonl") == [1, 2] and steps("rl_metrics.jsonl") == [2]
+    assert os.stat(out / "metrics.jsonl").st_ino != inode  # replaced (atomically), not cut in place
+    assert resumed.compute.totals["steps"] == 2 and json.load(open(out / "compute.json"))["steps"] == 2
+    resumed.train()
+    assert steps("metrics.jsonl") == [1, 2, 3, 4]
+    assert resumed.compute.totals == totals == json.load(open(out / "compute.json"))
+
+
+def test_sft_resume_without_a_checkpoint_says_how_to_start_afresh(tiny, tmp_path):
+    """It used to start afresh silently, counting the killed run's compute.json totals as its own."""
+    from nanoqwen.train.sft import run_sft
+    records = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    with pytest.raises(FileNotFoundError, match=f"--resume: no checkpoint in {tmp_path} .*: rerun without --resume to "
+                                                f"start it afresh$"):
+        run_sft(tiny, records, str(tmp_path), steps=1, batch_size=1, lr=None, max_len=64, resume=True)
+
+
+def make_metered_trainer(shard_dir, out, steps, **options):
+    """make_trainer's model and data under the MeteredTrainer (compute accounting, as SFT, GRPO and distillation)."""
+    resume_from = options.pop("resume_from", None)
+    plain = make_trainer(shard_dir, out, steps=steps, **options)
+    return MeteredTrainer(plain.raw_model, plain.config, plain.train_data, device="cpu", resume_from=resume_from,
+                          compute=Compute(out))
+
+
 @pytest.mark.parametrize("parallel,preset", [("fsdp", "nano-d2"), ("ddp", "nano-d2"), ("fsdp", "nano-next-d4")])
 def test_two_process_run_matches_one_process(shard_dir, tmp_path, parallel, preset):
     """The hybrid (DeltaNet, MoE with global-batch load balancing) shards and matches too."""
@@ -159,9 +203,49 @@ def test_two_process_run_matches_one_process(shard_dir, tmp_path, parallel, pres
     load_model(latest_checkpoint(str(tmp_path / "out")))  # rank 0 gathered a full HF checkpoint
 
 
-def nanoqwen(*args):
-    return subprocess.run([sys.executable, "-m", "nanoqwen", *args], capture_output=True, text=True, env=ENV,
+def nanoqwen(*args, env=ENV):
+    return subprocess.run([sys.executable, "-m", "nanoqwen", *args], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=180)
+
+
+def test_held_out_share_of_a_corpus(tmp_path):
+    """1% of the documents, at least 8, at most 256, fewer than half; every other document trains, none is lost."""
+    for count, held in [(1, 0), (2, 1), (3, 1), (20, 8), (300, 8), (5000, 50), (30_000, 256)]:
+        path = tmp_path / f"{count}.txt"
+        path.write_text("".join(f"line {i}\n" for i in range(count)))
+        corpus = pretrain.open_corpus(str(path), text_split="line")
+        assert corpus.held == held, count
+        test, train = list(corpus.split("test")), list(corpus.split("train"))
+        assert len(test) == held and train and sorted(test + train) == sorted(f"line {i}" for i in range(count))
+        if held > 1:  # spread over the corpus, not its first documents
+            assert test[1] != "line 1"
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="blank.txt: no documents"):
+        pretrain.open_corpus(str(tmp_path / "blank.txt"))
+
+
+def test_pretrain_on_text_jsonl_and_parquet(tmp_path):
+    """A folder of a 300-paragraph .txt, a .jsonl and a .parquet with the text under another name; and one document."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = "the quick brown fox jumps over a lazy dog near the river bank".split()
+    paragraphs = [" ".join(words[(i + j) % len(words)] for j in range(30)) for i in range(300)]
+    (corpus / "prose.txt").write_text("\n\n".join(paragraphs) + "\n")
+    (corpus / "notes.jsonl").write_text("".join(json.dumps({"body": p}) + "\n" for p in paragraphs[:50]))
+    pq.write_table(pa.table({"body": paragraphs[:50]}), corpus / "rows.parquet")
+    common = ["pretrain", "--stage", "1", "--preset", "nano-d2", "--steps", "2", "--vocab-size", "300",
+              "--no-progress"]
+    run = nanoqwen(*common, "--data", str(corpus), "--text-field", "body", "--out", str(tmp_path / "a"))
+    assert run.returncode == 0, run.stderr
+    assert f"data: {corpus}: 400 documents, 8 held out\n" in run.stdout
+    assert re.search(r"data: train 392 documents, [\d,]+ tokens \| held out 8 documents, [\d,]+ tokens\n",
+                     run.stdout), run.stdout
+    (tmp_path / "one.txt").write_text(paragraphs[0] + "\n")
+    run = nanoqwen(*common, "--data", str(tmp_path / "one.txt"), "--out", str(tmp_path / "b"))
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"data: train 1 documents, \d+ tokens \(seen \d+\.\d times\) \| held out: none", run.stdout)
 
 
 def test_bad_input_ends_in_one_clear_line(tmp_path):
@@ -171,9 +255,14 @@ def test_bad_input_ends_in_one_clear_line(tmp_path):
     cases = [(["--stage", "1", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "a")], "no data at"),
              (["--stage", "1", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "b")], "empty"),
              (["--stage", "1", "--seq-len", "100000", "--out", str(tmp_path / "c")], "above the model's limit"),
-             (["--stage", "2", "--out", str(tmp_path / "d")], "run --stage 1 first")]
+             (["--stage", "2", "--out", str(tmp_path / "d")], "run --stage 1 first"),
+             (["--stage", "1", "--resume", "--out", str(tmp_path / "f")], "rerun without --resume to start it afresh"),
+             (["--stage", "1", "--data", "hf:someone/corpus", "--out", str(tmp_path / "g")], "pip install datasets")]
+    blocked = tmp_path / "blocked" / "datasets"  # `datasets` as if not installed, wherever it is
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'datasets'\")\n")
     for args, message in cases:
-        run = nanoqwen(*base, *args)
+        run = nanoqwen(*base, *args, env={**ENV, "PYTHONPATH": f"{tmp_path / 'blocked'}{os.pathsep}{REPO}"})
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
     out = str(tmp_path / "e")

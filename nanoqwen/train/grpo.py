@@ -176,7 +176,8 @@ class GRPO:
             batches.append(batch)
         model.train(was_training)
         self.step += 1
-        self.pending = dict(rl_step=self.step, reward=reward.mean().item(), accuracy=sum(correct) / len(correct),
+        self.pending = dict(rl_step=self.step, step=self.step * c.iterations,  # the optimizer step it ends at
+                            reward=reward.mean().item(), accuracy=sum(correct) / len(correct),
                             response_length=sum(r.completion_tokens for r in sampled) / len(sampled),
                             truncated=sum(r.finish_reason == "length" for r in sampled) / len(sampled),
                             learnable=sum(map(_has_spread, groups)) / len(groups),

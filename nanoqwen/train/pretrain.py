@@ -22,11 +22,12 @@ import torch.distributed as dist
 
 from .. import data
 from ..checkpoint import latest_checkpoint, load_model
+from ..data import TEXT_SPLITS
 from ..config import get_preset, padded_vocab_size
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .options import AT_LEAST_0, POSITIVE, RunOptions, option
 from .parallelize import init_distributed, is_distributed
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, resume_checkpoint
 
 
 @dataclass
@@ -54,15 +55,47 @@ STAGES = {
              warmup=0.1, schedule="cosine", abf_factor=100.0),  # RoPE base 10,000 -> 1,000,000
 }
 SMALL_SEQ_DIVISOR = 16  # 4096 -> 256 and 32768 -> 2048: stage 3 is 8x stage 1, as in the report
-HELD_OUT_DOCUMENTS = 256  # per user corpus: its first documents are the held-out set
+# per user corpus, the held-out documents: 1% of them, at least 8, at most 256, always fewer than half
+HELD_OUT_FRACTION, HELD_OUT_MIN, HELD_OUT_MAX = 0.01, 8, 256
 
 
 def stage_seq_len(stage: int, preset: str) -> int:
     return STAGES[stage].seq_len // (SMALL_SEQ_DIVISOR if preset.startswith("nano") else 1)
 
 
-def documents(stage: int, split: str, seed: int, tokenizer, seq_len: int, corpora=(), synthetic_weight=None,
-              tasks=None, difficulty=None, languages=None):
+@dataclass
+class Corpus:
+    """A user corpus and its held-out documents: every `stride`-th one from the first, `held` of them."""
+    source: str
+    read_options: dict  # text_split and text_field of data.iter_documents
+    count: int          # its documents, counted up to HELD_OUT_MAX / HELD_OUT_FRACTION (past it the cap applies)
+    held: int
+    stride: int
+
+    def split(self, split: str):
+        """The documents of one side: "test" (held out) or "train" (the rest)."""
+        docs = data.iter_documents(self.source, **self.read_options)
+        if split == "test":  # stop after the last held-out document: never read a big corpus to its end for them
+            return itertools.islice(docs, 0, self.held * self.stride, self.stride) if self.held else iter(())
+        return (doc for i, doc in enumerate(docs) if i % self.stride or i >= self.held * self.stride) \
+            if self.held else docs
+
+
+def open_corpus(source: str, text_split: str = "paragraph", text_field: str = "text") -> Corpus:
+    """A corpus checked and counted, its held-out share sized: HELD_OUT_FRACTION of its documents, at least
+    HELD_OUT_MIN, at most HELD_OUT_MAX, and fewer than half of them, so the training side is never empty."""
+    data.check_corpus(source)
+    read_options = dict(text_split=text_split, text_field=text_field)
+    limit = int(HELD_OUT_MAX / HELD_OUT_FRACTION)
+    count = sum(1 for _ in itertools.islice(data.iter_documents(source, **read_options), limit))
+    if count == 0:
+        raise ValueError(f"{source}: no documents (every file is empty)")
+    held = min(max(HELD_OUT_MIN, round(HELD_OUT_FRACTION * count)), HELD_OUT_MAX, count // 2)
+    return Corpus(source, read_options, count, held, count // held if held else 0)
+
+
+def documents(stage: int, split: str, seed: int, tokenizer, seq_len: int, corpora: list[Corpus] = (),
+              synthetic_weight=None, tasks=None, difficulty=None, languages=None):
     """The stage's document stream: the embedded mix (or long documents) and the user's corpora, by weight.
     tasks / difficulty / languages narrow the embedded task families (difficulty replaces the stage's range)."""
     s = STAGES[stage]
@@ -74,10 +107,8 @@ def documents(stage: int, split: str, seed: int, tokenizer, seq_len: int, corpor
         synthetic = data.synthetic_corpus(split, seed, s.task_weight, s.prose_weight, tasks=tasks,
                                           difficulty=difficulty or s.difficulty, languages=languages)
     streams, weights = ([synthetic], [synthetic_weight]) if synthetic_weight > 0 else ([], [])
-    for path in corpora:
-        docs = data.iter_documents(path)
-        held = itertools.islice(docs, HELD_OUT_DOCUMENTS)
-        streams.append(held if split == "test" else itertools.islice(docs, HELD_OUT_DOCUMENTS, None))
+    for corpus in corpora:
+        streams.append(corpus.split(split))
         weights.append(1.0)
     return data.mix(streams, weights, seed)
 
@@ -105,6 +136,9 @@ class PretrainOptions(RunOptions):
     resume: bool = option(False, "continue this stage from OUT/stageN/latest")
     data: list = option((), "a corpus: .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG] (repeatable; "
                             "default: the embedded task generators and prose)", append=True)
+    text_split: str = option("paragraph", "how a .txt file holds documents: blank-line paragraphs, one per line, or "
+                                          "the whole file", choices=list(TEXT_SPLITS))
+    text_field: str = option("text", "the field (.jsonl, hf:) or column (.parquet) that holds the text")
     steps: int | None = option(None, "optimizer steps (default: the stage's budget for small presets)",
                                type=int, check=POSITIVE)
     batch_size: int | None = option(None, "rows per micro-batch per rank", type=int, check=POSITIVE)
@@ -137,10 +171,9 @@ def run(o: PretrainOptions) -> str:
     """Train one stage; returns the path of its final checkpoint (an HF model folder)."""
     if o.stage not in STAGES:
         raise ValueError(f"--stage must be 1, 2 or 3, got {o.stage}")
-    s, small, task_filter = STAGES[o.stage], o.preset.startswith("nano"), o.task_filter()
+    s, small = STAGES[o.stage], o.preset.startswith("nano")
     limit = get_preset(o.preset).max_position_embeddings  # an unknown preset fails here, with the known ones
-    for path in o.data:
-        data.corpus_files(path) if not path.startswith("hf:") else None  # a missing path fails now, in one line
+    corpora = [open_corpus(path, o.text_split, o.text_field) for path in o.data]  # a bad corpus fails now
     rank, world_size, device = init_distributed()
     device = torch.device(o.device) if o.device and world_size == 1 else device
     stage_dir = os.path.join(o.out, f"stage{o.stage}")
@@ -149,45 +182,16 @@ def run(o: PretrainOptions) -> str:
         raise ValueError(f"sequence length {seq_len} is above the model's limit (max_position_embeddings {limit})")
     batch_size = o.batch_size or (max(1, 4096 // seq_len) if small else 1)
     steps = o.steps or (s.steps if small else 10_000)
-    resume_from = latest_checkpoint(stage_dir) if o.resume else None
-    if o.resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {stage_dir}")
+    resume_from = resume_checkpoint(stage_dir) if o.resume else None
 
-    # the model: stage 1 from scratch, later stages from the previous stage's final weights
     if rank == 0:
-        tokenizer = build_tokenizer(o.preset, o.out, o.vocab_size, o.data, o.seed, task_filter)
+        tokenizer = build_tokenizer(o.preset, o.out, o.vocab_size, corpora, o.seed, o.task_filter())
     _barrier()
-    tokenizer = build_tokenizer(o.preset, o.out, o.vocab_size, o.data, o.seed, task_filter) if rank else tokenizer
-    if o.stage == 1:
-        overrides = dict(vocab_size=padded_vocab_size(tokenizer.vocab_size)) if small else {}
-        torch.manual_seed(o.seed)
-        model = load_model(o.preset, rope_theta=10_000.0, **overrides)
-    else:
-        previous = latest_checkpoint(os.path.join(o.out, f"stage{o.stage - 1}"))
-        if previous is None:
-            raise FileNotFoundError(f"stage {o.stage} starts from stage {o.stage - 1}: no checkpoint in "
-                                    f"{os.path.join(o.out, f'stage{o.stage - 1}')} (run --stage {o.stage - 1} first)")
-        model = load_model(previous, dtype=torch.float32)
-        if s.abf_factor != 1.0:  # ABF: raise the RoPE base; it is saved with the config
-            model.config.rope_theta *= s.abf_factor
-            model.to(torch.float32)  # re-derives the RoPE frequencies from the config
-
-    # the data: tokenised once into shards (rank 0), then memory-mapped by every rank
+    tokenizer = build_tokenizer(o.preset, o.out, o.vocab_size, corpora, o.seed, o.task_filter()) if rank else tokenizer
+    model = stage_model(o, tokenizer, small)
     tokens_needed = steps * o.grad_accum * batch_size * world_size * seq_len
-    if rank == 0 and not (o.resume and os.path.exists(os.path.join(stage_dir, "data", "train", "meta.json"))):
-        if not o.resume:
-            shutil.rmtree(stage_dir, ignore_errors=True)
-        for split, budget in (("train", int(tokens_needed * 1.05) + seq_len), ("test", 8 * batch_size * seq_len)):
-            data.write_shards(documents(o.stage, split, o.seed, tokenizer, seq_len, o.data, **task_filter),
-                              tokenizer, os.path.join(stage_dir, "data", split), max_tokens=budget)
-    _barrier()
-    whole = s.mix == "long"  # long documents are seen whole, never cut across rows
-    loader = data.PackedLoader(os.path.join(stage_dir, "data", "train"), batch_size, seq_len, o.seed, rank,
-                               world_size, whole_documents=whole)
-    held_out = data.PackedLoader(os.path.join(stage_dir, "data", "test"), batch_size, seq_len, o.seed, rank,
-                                 world_size, whole_documents=whole)
-    eval_batches = [held_out.next_batch() for _ in range(4)]
-
+    loader, eval_batches = stage_data(o, stage_dir, corpora, tokenizer, seq_len, batch_size, tokens_needed, rank,
+                                      world_size)
     peak_lr = o.lr or learning_rate(o.stage, model.config, small)
     config = TrainConfig(out_dir=stage_dir, steps=steps, batch_size=batch_size, grad_accum=o.grad_accum, lr=peak_lr,
                          warmup_steps=int(s.warmup * steps), schedule=s.schedule, decay_fraction=s.decay_fraction,
@@ -203,6 +207,66 @@ def run(o: PretrainOptions) -> str:
     trainer = Trainer(model, config, loader, eval_batches, tokenizer=tokenizer, device=device, resume_from=resume_from)
     trainer.train()
     return latest_checkpoint(stage_dir)
+
+
+def stage_model(o: PretrainOptions, tokenizer, small: bool):
+    """Stage 1 from scratch (vocabulary sized to a trained tokenizer); later stages from the previous stage's final
+    weights, stage 3 with its RoPE base raised (ABF)."""
+    if o.stage == 1:
+        overrides = dict(vocab_size=padded_vocab_size(tokenizer.vocab_size)) if small else {}
+        torch.manual_seed(o.seed)
+        return load_model(o.preset, rope_theta=10_000.0, **overrides)
+    previous_dir = os.path.join(o.out, f"stage{o.stage - 1}")
+    previous = latest_checkpoint(previous_dir)
+    if previous is None:
+        raise FileNotFoundError(f"stage {o.stage} starts from stage {o.stage - 1}: no checkpoint in {previous_dir} "
+                                f"(run --stage {o.stage - 1} first)")
+    model = load_model(previous, dtype=torch.float32)
+    if STAGES[o.stage].abf_factor != 1.0:  # the raised base is saved with the config
+        model.config.rope_theta *= STAGES[o.stage].abf_factor
+        model.to(torch.float32)  # re-derives the RoPE frequencies from the config
+    return model
+
+
+def stage_data(o: PretrainOptions, stage_dir: str, corpora, tokenizer, seq_len: int, batch_size: int,
+               tokens_needed: int, rank: int, world_size: int):
+    """(train loader, held-out batches): the stage's documents tokenised once into shards (rank 0), then
+    memory-mapped by every rank. A one-document corpus holds nothing out: no held-out loss then."""
+    data_dir = os.path.join(stage_dir, "data")
+    splits = (("train", int(tokens_needed * 1.05) + seq_len), ("test", 8 * batch_size * seq_len))
+    splits = splits if not corpora or any(c.held for c in corpora) else splits[:1]
+    if rank == 0 and not (o.resume and os.path.exists(os.path.join(data_dir, "train", "meta.json"))):
+        if not o.resume:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        for split, budget in splits:
+            data.write_shards(documents(o.stage, split, o.seed, tokenizer, seq_len, corpora, **o.task_filter()),
+                              tokenizer, os.path.join(data_dir, split), max_tokens=budget)
+    _barrier()
+    if rank == 0:
+        describe_data(data_dir, corpora, tokens_needed)
+    whole = STAGES[o.stage].mix == "long"  # long documents are seen whole, never cut across rows
+    loader = data.PackedLoader(os.path.join(data_dir, "train"), batch_size, seq_len, o.seed, rank, world_size,
+                               whole_documents=whole)
+    if not os.path.exists(os.path.join(data_dir, "test", "meta.json")):
+        return loader, []
+    held_out = data.PackedLoader(os.path.join(data_dir, "test"), batch_size, seq_len, o.seed, rank, world_size,
+                                 whole_documents=whole)
+    return loader, [held_out.next_batch() for _ in range(4)]
+
+
+def describe_data(data_dir: str, corpora: list[Corpus], tokens_needed: int) -> None:
+    """How each corpus was split and how many documents and tokens went to each side, in the log."""
+    for c in corpora:
+        more = "+" if c.count >= HELD_OUT_MAX / HELD_OUT_FRACTION else ""
+        print(f"data: {c.source}: {c.count:,}{more} documents, {c.held:,} held out")
+    train = data.read_meta(os.path.join(data_dir, "train"))
+    repeats = f" (seen {tokens_needed / train['num_tokens']:.1f} times)" if train["num_tokens"] < tokens_needed else ""
+    line = f"data: train {train['num_documents']:,} documents, {train['num_tokens']:,} tokens{repeats}"
+    if os.path.exists(os.path.join(data_dir, "test", "meta.json")):
+        test = data.read_meta(os.path.join(data_dir, "test"))
+        print(f"{line} | held out {test['num_documents']:,} documents, {test['num_tokens']:,} tokens")
+    else:
+        print(f"{line} | held out: none (too few documents to spare one: no held-out loss)")
 
 
 def _barrier():

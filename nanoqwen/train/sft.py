@@ -20,7 +20,7 @@ from ..checkpoint import latest_checkpoint
 from ..data import iter_jsonl
 from ..engine import load
 from .options import POSITIVE, RunOptions, TaskOptions, model_lr, option
-from .trainer import Compute, MeteredTrainer, TrainConfig
+from .trainer import Compute, MeteredTrainer, TrainConfig, resume_checkpoint
 
 ROLES = {"system", "user", "assistant", "tool"}
 
@@ -120,7 +120,7 @@ def run_sft(model_path: str, records: list[dict], out: str, steps: int, batch_si
     print(f"sft: {len(examples)} conversations, {sum(sum(t != -100 for t in e[1]) for e in examples):,} target "
           f"tokens, {steps} steps of {batch_size}, lr {lr:.1e}")
     MeteredTrainer(model, config, batches, tokenizer=tokenizer, device=device,
-                   resume_from=latest_checkpoint(out) if resume else None,
+                   resume_from=resume_checkpoint(out) if resume else None,
                    compute=compute or Compute(out, resume)).train()
     return latest_checkpoint(out)
 

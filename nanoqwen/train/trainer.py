@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_write
-from ..checkpoint import load_model, model_class, save_model
+from ..checkpoint import latest_checkpoint, load_model, model_class, save_model
 from ..model import ExpertCounter, Qwen3ForCausalLM
 from ..hardware import device_peak
 from .parallelize import is_distributed, parallelize
@@ -135,6 +135,9 @@ class Trainer:
         self.expert_counter = ExpertCounter() if model.config.is_moe else None
         if state is not None:
             self._restore(state)
+            if self.rank == 0:
+                truncate_metrics(config.out_dir, self.step)
+                print(f"resumed from step {self.step} (checkpoint {resume_from})")
         self.train_iter = iter(train_data)
 
     # --- setup ---
@@ -283,7 +286,7 @@ class Trainer:
                 model.tie_weights()
             data = self.train_data.state_dict() if hasattr(self.train_data, "state_dict") else None
             state = dict(step=self.step, optimizer=optimizer, scheduler=self.scheduler.state_dict(), data=data,
-                         rng=rng, train_config=asdict(self.config), history=self.history)
+                         rng=rng, train_config=asdict(self.config), history=self.history) | self.extra_state()
             path = write_checkpoint(self.config.out_dir, self.step, model, state, self.tokenizer,
                                     self.config.keep_checkpoints)
         if is_distributed():
@@ -310,9 +313,47 @@ class Trainer:
         _set_rng_state(rng)
         self.step, self.history = state["step"], state.get("history", [])
 
+    def extra_state(self) -> dict:
+        """What a subclass adds to trainer_state.pt (read back from `state` by its own _restore)."""
+        return {}
+
 
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+METRICS_FILES = ("metrics.jsonl", "rl_metrics.jsonl")  # per-step records that a stage appends to in OUT
+
+
+def truncate_metrics(out_dir: str, step: int) -> None:
+    """On resume: drop the records past the checkpoint's step (a crashed run wrote them; the resumed run writes
+    them again), so sums and plots count each step once. Each file is replaced atomically."""
+    for name in METRICS_FILES:
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = [line for line in lines if line.strip() and _record_step(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write(path, "".join(kept).encode())
+
+
+def _record_step(line: str) -> float:
+    """A metrics record's step; a torn last line (the crash cut it) counts as past every checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
+def resume_checkpoint(out_dir: str) -> str:
+    """The checkpoint that --resume continues from: OUT's latest, or one line saying there is none yet."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir} (a run stopped before its first save leaves "
+                                f"none): rerun without --resume to start it afresh")
+    return path
 
 
 def check_compatible(path: str, config) -> None:
@@ -415,7 +456,7 @@ def plot_losses(metrics_file: str, png_file: str) -> None:
     import matplotlib.pyplot as plt
     records = {}
     with open(metrics_file) as f:
-        for line in f:  # a resumed run appends again from its step: the last record of a step wins
+        for line in f:  # one record per step (a resume truncates the file); were there two, the last wins
             r = json.loads(line)
             records[r["step"]] = r
     steps = sorted(records)
@@ -470,6 +511,11 @@ class Compute:
         self.pending["trained_tokens"] += sum(b * t for b, t in shapes)
         self.pending["training_flops"] += sum(3 * b * forward_flops(config, [t]) for b, t in shapes)
 
+    def save(self) -> None:
+        if self.path:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            atomic_write(self.path, (json.dumps(self.totals, indent=2) + "\n").encode())
+
     def step(self, world_size: int = 1, write: bool = True) -> dict:
         """Close a training step: its charges (times the ranks, each of which did the same) join the totals. Returns
         the step's counts and FLOPs and the running total, for its metrics record."""
@@ -480,9 +526,8 @@ class Compute:
         self.totals["tokens"] = sum(self.totals[k] for k in TOKEN_KEYS)
         self.totals["flops"] = sum(self.totals[k] for k in FLOPS_KEYS)
         self.totals["steps"] += 1
-        if write and self.path:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            atomic_write(self.path, (json.dumps(self.totals, indent=2) + "\n").encode())
+        if write:
+            self.save()
         record = {k: step[k] for k in TOKEN_KEYS}
         return record | dict(flops=sum(step[k] for k in FLOPS_KEYS), total_flops=self.totals["flops"])
 
@@ -492,8 +537,18 @@ class MeteredTrainer(Trainer):
     it trained on plus what the data source charged to `compute` while producing them (see Compute)."""
 
     def __init__(self, *args, compute: Compute, **kwargs):
+        self.compute = compute  # before the Trainer's __init__: a resume restores its totals
         super().__init__(*args, **kwargs)
-        self.compute = compute
+
+    def extra_state(self) -> dict:
+        return dict(compute=dict(self.compute.totals))
+
+    def _restore(self, state: dict) -> None:
+        super()._restore(state)
+        if "compute" in state:  # the totals at the checkpoint: compute.json also counted the steps after it
+            self.compute.totals = dict(state["compute"])
+            if self.rank == 0:
+                self.compute.save()
 
     def train_step(self) -> dict:
         shapes, source = [], self.train_iter
