@@ -19,8 +19,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from nanoqwen.checkpoint import load_model, save_model  # noqa: E402
-from nanoqwen.engine import Engine, Request  # noqa: E402
-from nanoqwen.sampling import SamplingParams  # noqa: E402
+from nanoqwen.generation import Engine, Request, SamplingParams  # noqa: E402
 from nanoqwen.tokenizer import load_tokenizer  # noqa: E402
 
 PEAK_BANDWIDTH = {"cuda": 3350e9, "cpu": None}

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from nanoqwen import tasks  # noqa: E402
 from nanoqwen.checkpoint import load_model, save_model  # noqa: E402
-from nanoqwen.engine import Engine, generate_batch, load  # noqa: E402
+from nanoqwen.checkpoint import load  # noqa: E402
+from nanoqwen.generation import Engine, generate_batch  # noqa: E402
 from nanoqwen.tokenizer import load_tokenizer  # noqa: E402
 
 

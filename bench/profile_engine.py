@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import nanoqwen.engine as engine_module  # noqa: E402
+import nanoqwen.generation.decode as decode_module  # noqa: E402
 import nanoqwen.kernels as kernels_module  # noqa: E402
 import nanoqwen.model as model_module  # noqa: E402
 from nanoqwen.checkpoint import load_model  # noqa: E402
-from nanoqwen.engine import Engine, Request  # noqa: E402
-from nanoqwen.sampling import SamplingParams  # noqa: E402
+from nanoqwen.generation import Engine, Request, SamplingParams  # noqa: E402
 from nanoqwen.tokenizer import load_tokenizer  # noqa: E402
 
 PEAK_BANDWIDTH = 3350e9  # H100 SXM HBM3, as bench_engine.py
@@ -40,7 +39,7 @@ def sdpa_decode_attention(q, k, v, mask):
 def set_variant(name: str) -> None:
     from torch._inductor import config as inductor_config
     torch._dynamo.reset()
-    engine_module._COMPILED.clear()
+    decode_module._COMPILED.clear()
     inductor_config.coordinate_descent_tuning = name == "tune"
     kernels_module.ENABLED = name == "kernels"
     model_module.decode_attention = sdpa_decode_attention if name == "sdpa" else ORIGINAL_ATTENTION
@@ -59,9 +58,7 @@ def sync(device):
 
 def measure(model, tokenizer, variant, batch, prompt_len, new_tokens, steps, device, top):
     engine = Engine(model, tokenizer, batch_size=batch, max_len=prompt_len + new_tokens,
-                    compile=None if variant != "eager" else False)
-    if variant == "unfused":
-        engine.fused = False
+                    compile=None if variant != "eager" else False, fuse_projections=variant != "unfused")
     torch.manual_seed(batch)
     prompts = torch.randint(0, min(model.config.vocab_size, 150000), (batch, prompt_len)).tolist()
     params = SamplingParams(**{**GREEDY.__dict__, "max_new_tokens": new_tokens})
@@ -89,7 +86,7 @@ def measure(model, tokenizer, variant, batch, prompt_len, new_tokens, steps, dev
     frac = step_bytes(model.config, batch, context, model.lm_head.weight.dtype) / per_step / PEAK_BANDWIDTH
     print(f"\n## {variant}, batch {batch}: {per_step * 1e3:.3f} ms/step, {batch / per_step:,.0f} tok/s, "
           f"{100 * frac:.1f}% of the bandwidth bound (warm-up {warm:.1f} s, CUDA graph "
-          f"{'captured' if engine._graph is not None else 'not used'})", flush=True)
+          f"{'captured' if engine.decoder.graph is not None else 'not used'})", flush=True)
     if device != "cuda" or not top:
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -107,7 +104,7 @@ def check(device):
     tokens, stop strings, seeded sampling with penalties (alone == in a batch), logprobs."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from test_engine import QUESTION, START, chain, random_model, scripted_model, thinker_script
-    from nanoqwen.engine import BUDGET_PHRASE, generate, generate_batch
+    from nanoqwen.generation import BUDGET_PHRASE, generate, generate_batch
     tok = load_tokenizer()
     model = random_model().to(device)
 
@@ -122,7 +119,7 @@ def check(device):
     engine = Engine(model, tok, batch_size=2, max_len=32)
     results = generate_batch(model, tok, prompts, max_new_tokens=12, engine=engine, temperature=0)
     ok = [r.token_ids == full_forward_greedy(model, p, 12) for p, r in zip(prompts, results)]
-    print(f"greedy vs full forward (continuous batching, shifts): {ok}, graph {engine._graph is not None}, "
+    print(f"greedy vs full forward (continuous batching, shifts): {ok}, graph {engine.decoder.graph is not None}, "
           f"pipelined {engine.pipeline}")
     script, word, answer = thinker_script(tok)
     thinker = scripted_model(script).to(device)

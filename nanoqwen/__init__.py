@@ -10,10 +10,10 @@ _EXPORTS = {
     "Qwen3Config": "config", "get_preset": "config", "PRESETS": "config",
     "Qwen3ForCausalLM": "model", "Qwen3NextForCausalLM": "qwen3_next",
     "load_model": "checkpoint", "save_model": "checkpoint",
-    "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
-    "generate": "engine", "generate_batch": "engine", "load": "engine", "Engine": "engine",
-    "GenerationResult": "engine", "Chunk": "engine", "Request": "engine",
-    "SamplingParams": "sampling",
+    "load": "checkpoint", "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+    "generate": "generation", "generate_batch": "generation", "Engine": "generation",
+    "GenerationResult": "generation", "Chunk": "generation", "Request": "generation",
+    "SamplingParams": "generation",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -72,7 +72,7 @@ def calibrate(preset: str, vocab_size: int, batch: int, seq_len: int, long_seq_l
     from . import data
     from .checkpoint import load_model
     from .config import padded_vocab_size
-    from .engine import generate_batch
+    from .generation import generate_batch
     from .tokenizer import train_tokenizer
     torch.manual_seed(0)
     model = load_model(preset, vocab_size=padded_vocab_size(vocab_size), device=device)

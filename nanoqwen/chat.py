@@ -287,18 +287,15 @@ def apply_chat_template(tokenizer, messages: list[dict], tools: list[dict] | Non
     return tokenizer.encode(text, allow_special=True) if tokenize else text
 
 
-def render_for_training(messages: list[dict], tools: list[dict] | None = None, enable_thinking: bool | None = None,
-                        tokenizer=None) -> tuple[list[int], list[int]]:
-    """(ids, loss_mask) of a finished conversation; ids equal apply_chat_template(messages).
+def render_for_training(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                        enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of a finished conversation; ids equal apply_chat_template(tokenizer, messages).
 
     The mask is 1 on what each assistant turn must produce: think block, answer, tool calls and the closing
     <|im_end|>; 0 on the `<|im_start|>assistant\\n` header, the newline after <|im_end|> and all other turns.
     An empty think block is learned (the model must emit it after /no_think) unless enable_thinking=False,
     where the generation prompt writes it.
     """
-    if tokenizer is None:
-        from .tokenizer import load_tokenizer
-        tokenizer = load_tokenizer()
     if not is_official_template(tokenizer.chat_template):
         raise NotImplementedError("loss masks need the Qwen3 template; this tokenizer has a custom chat template")
     return encode_parts(tokenizer, render_parts(messages, tools, False, enable_thinking))

@@ -144,6 +144,32 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
     return model
 
 
+def load(path: str, dtype=None, device=None):
+    """(model, tokenizer) from a checkpoint folder (model and tokenizer files side by side), ready to generate.
+
+    device None: CUDA when available. dtype None: the checkpoint's, but bf16 instead of fp32 on CUDA. A folder
+    without tokenizer files gets the official Qwen3 tokenizer if the model has its vocabulary. A training run's
+    folder (a `latest` file naming its newest checkpoint) loads that checkpoint."""
+    from safetensors import SafetensorError
+    from .tokenizer import load_tokenizer
+    if not os.path.exists(os.path.join(path, "config.json")):
+        path = resolve(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None and str(device).startswith("cuda") and os.path.isdir(path):
+        dtype = "bfloat16" if Qwen3Config.from_json(path).torch_dtype in (None, "float32") else None
+    try:
+        model = load_model(path, dtype=dtype, device=device).eval()
+    except SafetensorError as error:
+        raise ValueError(f"{path}: cannot read the weights: {error}") from None
+    has_tokenizer = os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                                for f in ("tokenizer.json", "vocab.json"))
+    if has_tokenizer:
+        return model, load_tokenizer(path)
+    if model.config.vocab_size >= 151669 or not os.path.isdir(path):
+        return model, load_tokenizer()
+    raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json) and its vocabulary is not Qwen3's")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Saving
 

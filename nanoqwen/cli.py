@@ -83,11 +83,37 @@ def _sampling_kwargs(args) -> dict:
     """The engine's keyword arguments from the sampling flags shared by `chat` and `generate`."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 min_p=args.min_p, presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
-                stop=args.stop, seed=args.seed, **_speculative_kwargs(args))
+                stop=args.stop, seed=args.seed, **_speculative_kwargs(args), **_cache_kwargs(args))
 
 
 def _speculative_kwargs(args) -> dict:
     return dict(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+
+
+def _cache_kwargs(args) -> dict:
+    return dict(block_size=args.block_size, num_blocks=args.num_blocks,
+                kv_cache_memory_bytes=args.kv_cache_memory_bytes, enable_prefix_caching=args.enable_prefix_caching)
+
+
+def _bytes(text: str) -> int:
+    """A byte count: 123, 512MB, 2GB (powers of 1000) or 2GiB (powers of 1024)."""
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(i?)B?)?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size in bytes (e.g. 2GiB, 500MB), got {text!r}")
+    unit = "KMGT".index(m.group(2).upper()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** unit)
+
+
+def _add_cache_flags(p) -> None:
+    p.add_argument("--block-size", type=_number(int, lambda v: v > 0 and not v & (v - 1), "a power of two"),
+                   default=16, help="tokens per KV-cache block")
+    p.add_argument("--num-blocks", type=_positive_int, default=None,
+                   help="KV-cache blocks (default: enough for every row to reach its full length)")
+    p.add_argument("--kv-cache-memory-bytes", type=_bytes, default=None,
+                   help="KV-cache size instead of --num-blocks, e.g. 4GiB")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of earlier prompts that start the same way")
 
 
 def _add_speculative_flags(p) -> None:
@@ -129,7 +155,8 @@ def _print_stream(chunks, color: bool):
 
 def cmd_generate(args):
     """One prompt (flag or stdin) through the chat template (or raw), streamed to stdout."""
-    from .engine import generate, load
+    from .checkpoint import load
+    from .generation.api import generate
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty: pass --prompt TEXT, or pipe the prompt to standard input")
@@ -181,7 +208,7 @@ def _chat_command(line: str, state: dict) -> bool:
 
 def _chat_turn(model, tokenizer, state: dict, args) -> None:
     """Stream one answer; the assistant turn is stored with its reasoning, which the template drops later."""
-    from .engine import generate
+    from .generation.api import generate
     try:
         stream = generate(model, tokenizer, state["messages"], stream=True, enable_thinking=state["enable_thinking"],
                           thinking_budget=state["thinking_budget"], **_sampling_kwargs(args))
@@ -204,7 +231,7 @@ def _chat_turn(model, tokenizer, state: dict, args) -> None:
 
 def cmd_chat(args):
     """Interactive multi-turn chat that streams, thinking dimmed apart from the answer."""
-    from .engine import load
+    from .checkpoint import load
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     # Ctrl-C stops an answer: take it even when started from a shell that ignores SIGINT (a script's `cmd &`)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -239,7 +266,7 @@ def cmd_serve(args):
     from .server import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_len=args.max_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
-          **_speculative_kwargs(args))
+          **_speculative_kwargs(args), **_cache_kwargs(args))
 
 
 def cmd_tokenize(args):
@@ -336,6 +363,7 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_number(int, lambda v: True, "an integer"), default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     _add_speculative_flags(p)
+    _add_cache_flags(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
 
@@ -408,11 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=_number(int, lambda v: 0 <= v < 65536, "a port number"), default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--max-batch", type=_positive_int, default=16, help="batch slots decoded together")
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="most rows decoded together")
     p.add_argument("--max-len", type=_positive_int, default=None,
-                   help="tokens per slot, prompt and answer (default: 4096, at most the model's context)")
+                   help="tokens per row, prompt and answer (default: 4096, at most the model's context)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
     _add_speculative_flags(p)
+    _add_cache_flags(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.set_defaults(func=cmd_serve)

@@ -120,11 +120,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = 
     return y if residual is None else residual + y
 
 
-def decode_layer(layer, x, cos, sin, mask, cache, cache_slots, kv_len):
-    """One dense decoder layer (`model.DecoderLayer` with stacked projections) for one new token per row."""
+def decode_layer(layer, x, cos, sin, mask, cache, qkv_weight, gate_up_weight):
+    """One dense decoder layer (`model.DecoderLayer`) for one new token per row, with its q/k/v and gate/up weights
+    stacked (qkv_weight, gate_up_weight)."""
     attn, mlp = layer.self_attn, layer.mlp
-    qkv = gemv(x, attn.qkv_weight, norm=layer.input_layernorm)
-    y = attn.attend(*attn.split_qkv(qkv), cos, sin, mask, cache, cache_slots, kv_len)
+    qkv = gemv(x, qkv_weight, norm=layer.input_layernorm)
+    y = attn.attend(*attn.split_qkv(qkv), cos, sin, mask, cache)
     x = gemv(y, attn.o_proj.weight, residual=x)
-    return gemv(gemv(x, mlp.gate_up_weight, norm=layer.post_attention_layernorm), mlp.down_proj.weight,
+    return gemv(gemv(x, gate_up_weight, norm=layer.post_attention_layernorm), mlp.down_proj.weight,
                 residual=x, swiglu=True)

@@ -2,11 +2,12 @@
 
 Module and attribute names mirror the HF checkpoint (`model.layers.N.self_attn.q_proj`, `mlp.gate`, ...) so weights
 load by name; the only reshaping is the MoE experts, stored stacked here (see checkpoint.py). The model knows nothing
-of distribution: parallelism, compilation and activation checkpointing are applied from outside.
+of distribution: parallelism, compilation and activation checkpointing are applied from outside. Nor does it keep
+inference state: a cached forward reads and writes the engine's caches through the `CacheView` it is given
+(nanoqwen/generation/cache.py), and stacked projection weights come in as an argument.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -90,52 +91,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Attention with an optional static KV cache
-
-class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, written in place at the given slots (static shapes, as gpt-fast)."""
-
-    def __init__(self, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, dtype, device=None):
-        super().__init__()
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, slots, k.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v.to(self.v.dtype))
-        return self.k, self.v
-
-    # what the engine does to every layer's cache (the hybrid's DeltaNet state has the same three methods)
-    def place(self, rows: torch.Tensor, new: "KVCache", start: int, end: int) -> None:
-        """Copy a prefill's cache (one row per entry of `rows`) into slots [start, end) of those rows."""
-        self.k[rows, :, start:end] = new.k
-        self.v[rows, :, start:end] = new.v
-
-    def shift(self, offset: int) -> None:
-        """Move every row's keys `offset` slots right (left when negative); they carry their positions."""
-        self.k.copy_(self.k.roll(offset, 2))
-        self.v.copy_(self.v.roll(offset, 2))
-
-    def clear(self) -> None:
-        pass  # stale keys are masked out, never read
-
-    # speculative decoding: the keys of rejected drafts are masked out (holes), so these have nothing to undo
-    track = False
-
-    def keep(self, kept: torch.Tensor) -> None:
-        pass
-
-    def reorder(self, source: torch.Tensor) -> None:
-        """Slot s of row b takes what slot source[b, s] held (closing the holes that rejected drafts leave)."""
-        index = source[:, None, :, None].expand_as(self.k)
-        self.k.copy_(self.k.gather(2, index))
-        self.v.copy_(self.v.gather(2, index))
-
+# Attention over an optional cache
 
 class Attention(nn.Module):
-    def __init__(self, config: Qwen3Config):
+    def __init__(self, config: Qwen3Config, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # which of the cache's layers is this one's
         H, hd = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
         bias = config.attention_bias
@@ -145,21 +106,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, H, bias=bias)
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # per head, one weight shared by all heads
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
-        self.qkv_weight = None  # [q; k; v] stacked, made by fuse_projections (not a parameter, never saved)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_slots=None, kv_len=None):
-        if self.qkv_weight is not None and _FUSED:  # one matmul instead of three (inference)
-            q, k, v = self.split_qkv(F.linear(x, self.qkv_weight))
+    def forward(self, x, cos, sin, mask=None, cache=None, qkv_weight: torch.Tensor | None = None):
+        """qkv_weight: [q; k; v] stacked (the engine's decode step has them): one matmul instead of three."""
+        if qkv_weight is not None:
+            q, k, v = self.split_qkv(F.linear(x, qkv_weight))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache, cache_slots, kv_len))
+        return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache))
 
     def split_qkv(self, qkv: torch.Tensor):
         return qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
 
-    def attend(self, q, k, v, cos, sin, mask=None, cache: KVCache | None = None, cache_slots=None, kv_len=None):
+    def attend(self, q, k, v, cos, sin, mask=None, cache=None):
         """QK-norm, RoPE, the cache and attention over projected (B, T, heads * head_dim) q, k, v; the result goes
-        into o_proj."""
+        into o_proj. cache: a generation.cache.CacheView (this layer's keys and values go in, all it attends to
+        come out)."""
         B, T, _ = q.shape
         q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim))  # QK-norm comes before RoPE
         k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
@@ -167,9 +129,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(cache_slots, k, v)
-            if kv_len is not None:  # attend only to the filled prefix (the CPU path; CUDA graphs use the full buffer)
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            k, v = cache.update(k, v, self.layer_idx)
         if isinstance(mask, flex.BlockMask):  # packed documents (see _attention_mask)
             y = flex_attention(q, k, v, mask, self.num_kv_heads != self.num_heads)
         elif T == 1 and cache is not None and mask is not None and (q.device.type == "cpu" or q.dtype == torch.float32):
@@ -221,11 +181,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.gate_up_weight = None  # [gate; up] stacked, made by fuse_projections (not a parameter, never saved)
 
-    def forward(self, x):
-        if self.gate_up_weight is not None and _FUSED:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+    def forward(self, x, gate_up_weight: torch.Tensor | None = None):
+        """gate_up_weight: [gate; up] stacked (the engine's decode step has them): one matmul instead of two."""
+        if gate_up_weight is not None:
+            gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -287,68 +247,26 @@ class SparseMoE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fused projections for inference
-
-_FUSED = False  # whether forward passes use the stacked weights; only the engine turns it on, around its calls
-
-
-@contextlib.contextmanager
-def fused_projections(enabled: bool = True):
-    """Forward passes inside use the stacked q/k/v and gate/up weights made by `fuse_projections` (where they exist).
-    Outside, the model computes exactly as before (training, log-probs, parity tests)."""
-    global _FUSED
-    previous, _FUSED = _FUSED, enabled
-    try:
-        yield
-    finally:
-        _FUSED = previous
-
-
-def _stack_weights(linears: list[nn.Linear], fused: torch.Tensor | None, share_memory: bool) -> torch.Tensor:
-    """The linears' weights stacked row-wise, in `fused` when it still fits (else a new tensor).
-
-    share_memory: each weight becomes a view of its rows (the parameters stay the same objects with the same names
-    and shapes, so state_dict, optimizer and checkpoints are unchanged, and in-place updates such as an optimizer
-    step land in the stack too). Otherwise the stack is a copy, refreshed when a weight changed since (its version
-    counter moved, or it was replaced)."""
-    weights = [lin.weight for lin in linears]
-    rows, like = sum(w.shape[0] for w in weights), weights[0]
-    if fused is None or fused.shape != (rows, like.shape[1]) or fused.dtype != like.dtype or \
-            fused.device != like.device:
-        fused = torch.empty(rows, like.shape[1], dtype=like.dtype, device=like.device)
-    stamp = [(w.data_ptr(), w._version) for w in weights]
-    if not share_memory and stamp == getattr(fused, "stamp", None):
-        return fused
-    start = 0
-    for w in weights:
-        view = fused[start:start + w.shape[0]]
-        if w.data_ptr() != view.data_ptr():
-            view.copy_(w.detach())
-            if share_memory:
-                w.data = view
-        start += w.shape[0]
-    fused.stamp = None if share_memory else [(w.data_ptr(), w._version) for w in weights]
-    return fused
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Decoder
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: Qwen3Config, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_sparse = config.is_sparse_layer(layer_idx)
         self.mlp = SparseMoE(config) if self.is_sparse else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_slots=None, kv_len=None):
-        if _FUSED and x.shape[1] == 1 and cache is not None and kernels.available(x) and \
-                self.self_attn.qkv_weight is not None and getattr(self.mlp, "gate_up_weight", None) is not None:
-            return kernels.decode_layer(self, x, cos, sin, mask, cache, cache_slots, kv_len), None  # GPU decoding
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_slots, kv_len)
-        y = self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask=None, cache=None, fused=None):
+        """fused: stacked projection weights (`fused.qkv[i]`, `fused.gate_up[i]`, None where a layer has none)."""
+        i = self.self_attn.layer_idx
+        qkv, gate_up = (fused.qkv[i], fused.gate_up[i]) if fused is not None else (None, None)
+        if qkv is not None and gate_up is not None and x.shape[1] == 1 and cache is not None and kernels.available(x):
+            return kernels.decode_layer(self, x, cos, sin, mask, cache, qkv, gate_up), None  # GPU decoding
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, qkv)
+        y = self.mlp(self.post_attention_layernorm(x), gate_up) if gate_up is not None else \
+            self.mlp(self.post_attention_layernorm(x))
         router_logits = None
         if self.is_sparse:
             y, router_logits = y
@@ -400,39 +318,6 @@ class Qwen3ForCausalLM(nn.Module):
         self.inv_freq = rope_parameters(self.config)[0].to(self.inv_freq.device)
         return self
 
-    @torch.no_grad()
-    def fuse_projections(self, share_memory: bool | None = None) -> bool:
-        """Stack q/k/v and gate/up weights (per layer) into one matrix each, for inference: fewer, larger matmuls,
-        used only inside `fused_projections()` (the engine). Names, shapes, the state_dict and checkpoints are
-        unchanged.
-
-        share_memory (default: on unless on the CPU): the parameters become views into the stacks, so they cost no
-        memory and training keeps both in step; a checkpoint saved from the CPU must not hold tensors sharing memory,
-        so there the stacks are copies, refreshed by the next call whenever a weight changed. Call it again before
-        using the stacks after the weights may have changed: it re-links or refreshes them, and returns whether the
-        stacks are still the same tensors (False: new ones, so anything holding the old ones, like a captured CUDA
-        graph, must be rebuilt). Biased projections are left alone."""
-        same = True
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if attn.q_proj.bias is not None:
-                return same
-            share = attn.q_proj.weight.device.type != "cpu" if share_memory is None else share_memory
-            old = attn.qkv_weight
-            attn.qkv_weight = _stack_weights([attn.q_proj, attn.k_proj, attn.v_proj], old, share)
-            same &= attn.qkv_weight is old
-            if isinstance(mlp, MLP):
-                old = mlp.gate_up_weight
-                mlp.gate_up_weight = _stack_weights([mlp.gate_proj, mlp.up_proj], old, share)
-                same &= mlp.gate_up_weight is old
-        return same
-
-    def make_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> nn.ModuleList:
-        """One KVCache per layer for `batch_size` rows of up to `max_len` tokens."""
-        c, p = self.config, self.lm_head.weight
-        return nn.ModuleList(KVCache(batch_size, max_len, c.num_key_value_heads, c.head_dim,
-                                     dtype or p.dtype, device or p.device) for _ in range(c.num_hidden_layers))
-
     # --- forward ---
     def rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (batch, seq, 1, head_dim), computed in fp32 then cast."""
@@ -441,43 +326,48 @@ class Qwen3ForCausalLM(nn.Module):
         return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
     def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None, document_ids=None,
-                cache=None, cache_position=None, labels=None, logits_to_keep: int = 0,
-                output_router_logits: bool | None = None, expert_counter=None) -> CausalLMOutput:
+                cache=None, labels=None, logits_to_keep: int = 0, output_router_logits: bool | None = None,
+                expert_counter=None, fused=None) -> CausalLMOutput:
         """
         input_ids (B, T). Optional:
-        - attention_mask (B, S): 1 for real tokens, 0 for padding, over all S key positions (cache prefix included).
+        - attention_mask (B, T): 1 for real tokens, 0 for padding.
         - document_ids (B, T): packed training sequences; attention never crosses a document, positions restart.
-        - cache (from make_cache) with cache_position (T,): the slots these tokens are written to. With a cache, the
-          keys attended are the first S = attention_mask.shape[1] slots (or the whole cache without a mask).
+        - cache: a `generation.cache.CacheView` (cached inference, position_ids required): it takes this forward's
+          keys and states, gives back all the keys to attend to, and its attention_mask says which ones each query
+          sees (the attention_mask argument is not used then).
+        - fused: stacked q/k/v and gate/up weights for these layers (`generation.decode.FusedProjections`).
         - labels (B, T): next-token targets as transformers (shifted inside, -100 ignored); returns the loss and no
           logits, computed chunk by chunk without materialising fp32 logits for the whole vocabulary.
-        - logits_to_keep: compute logits for the last k positions only (0: all).
+        - logits_to_keep: compute logits for the last k positions only (0: all), or, a (B,) tensor, for one
+          position of each row (a right-padded batch's last real tokens): logits (B, 1, vocab).
         """
         B, T = input_ids.shape
-        if cache_position is None:
-            cache_position = torch.arange(T, device=input_ids.device)
-        if position_ids is None:
-            position_ids = _document_positions(document_ids) if document_ids is not None else \
-                cache_position[None].expand(B, T)
-        mask = _attention_mask(cache_position, attention_mask, document_ids, cache)
-        kv_len = attention_mask.shape[1] if (cache is not None and attention_mask is not None) else None
+        if cache is not None:
+            if position_ids is None:
+                raise TypeError("a cached forward needs position_ids")
+            mask, attention_mask = cache.attention_mask, None
+        else:
+            if position_ids is None:
+                position_ids = _document_positions(document_ids) if document_ids is not None else \
+                    torch.arange(T, device=input_ids.device)[None].expand(B, T)
+            mask = _attention_mask(attention_mask, document_ids, T, input_ids.device)
 
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, x.dtype)
-        router_logits, extra = [], self.layer_inputs(T, attention_mask, document_ids)
-        for i, layer in enumerate(self.model.layers):
-            layer_cache = cache[i] if cache is not None else None
-            x, r = layer(x, cos, sin, mask, layer_cache, cache_position, kv_len, **extra)
+        router_logits, extra = [], self.layer_inputs(T, attention_mask, document_ids, cache)
+        for layer in self.model.layers:
+            x, r = layer(x, cos, sin, mask, cache, fused, **extra)
             if r is not None:
                 router_logits.append(r)
         return self.head(x, labels, attention_mask, router_logits, logits_to_keep, output_router_logits,
-                         expert_counter)
+                         expert_counter, fused)
 
-    def layer_inputs(self, T: int, attention_mask, document_ids) -> dict:
+    def layer_inputs(self, T: int, attention_mask, document_ids, cache) -> dict:
         """Extra keyword inputs of every decoder layer (none here; the hybrid's DeltaNet layers take some)."""
         return {}
 
-    def head(self, x, labels, attention_mask, router_logits, logits_to_keep, output_router_logits, expert_counter):
+    def head(self, x, labels, attention_mask, router_logits, logits_to_keep, output_router_logits, expert_counter,
+             fused=None):
         """The final norm and lm_head (logits) or the loss (with the MoE aux loss) from the last hidden states."""
         T = x.shape[1]
         out = CausalLMOutput()
@@ -489,15 +379,21 @@ class Qwen3ForCausalLM(nn.Module):
                 out.aux_loss = load_balancing_loss(router_logits, self.config.num_experts,
                                                    self.config.num_experts_per_tok, valid, expert_counter)
                 out.loss = out.loss + self.config.router_aux_loss_coef * out.aux_loss
-        elif _FUSED and T == 1 and kernels.available(x) and type(self.model.norm) is RMSNorm:
-            # GPU decoding: the final norm fused into lm_head
+        elif fused is not None and T == 1 and kernels.available(x) and type(self.model.norm) is RMSNorm:
+            # GPU decoding (the engine's decode step): the final norm fused into lm_head
             out.logits = kernels.gemv(x, self.lm_head.weight, norm=self.model.norm)
         else:
-            x = self.model.norm(x[:, -logits_to_keep:] if logits_to_keep else x)
-            out.logits = self.lm_head(x)
+            out.logits = self.lm_head(self.model.norm(_keep_positions(x, logits_to_keep)))
         if want_router:
             out.router_logits = tuple(router_logits)
         return out
+
+
+def _keep_positions(x: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The hidden states whose logits are wanted: the last k positions (0: all), or one position per row."""
+    if isinstance(logits_to_keep, torch.Tensor):
+        return x[torch.arange(x.shape[0], device=x.device), logits_to_keep][:, None]
+    return x[:, -logits_to_keep:] if logits_to_keep else x
 
 
 def _document_positions(document_ids: torch.Tensor) -> torch.Tensor:
@@ -524,14 +420,13 @@ def document_block_mask(document_ids: torch.Tensor) -> flex.BlockMask:
     return flex.create_block_mask(same_document_causal, B, None, T, T, device=document_ids.device)
 
 
-def _attention_mask(cache_position, attention_mask, document_ids, cache):
-    """Boolean (B, 1, T, S) mask, a FlexAttention block mask (packed documents on CUDA), or None for the plain
+def _attention_mask(attention_mask, document_ids, T: int, device):
+    """Boolean (B, 1, T, T) mask, a FlexAttention block mask (packed documents on CUDA), or None for the plain
     causal case (then SDPA uses its fused causal kernels)."""
-    if attention_mask is None and document_ids is None and cache is None:
+    if attention_mask is None and document_ids is None:
         return None
     if document_ids is not None:
-        if attention_mask is None and cache is None and \
-                (FLEX_ATTENTION == "1" or (FLEX_ATTENTION == "auto" and document_ids.is_cuda)):
+        if attention_mask is None and (FLEX_ATTENTION == "1" or (FLEX_ATTENTION == "auto" and document_ids.is_cuda)):
             return document_block_mask(document_ids)
         same_doc = document_ids[:, :, None] == document_ids[:, None, :]
         causal = torch.ones(same_doc.shape[-2:], dtype=torch.bool, device=same_doc.device).tril()
@@ -539,14 +434,9 @@ def _attention_mask(cache_position, attention_mask, document_ids, cache):
         if attention_mask is not None:
             mask = mask & attention_mask.bool()[:, None, :]
         return mask[:, None]
-    S = attention_mask.shape[1] if attention_mask is not None else \
-        next((layer.k.shape[2] for layer in cache if isinstance(layer, KVCache)), 0)
-    key = torch.arange(S, device=cache_position.device)
-    mask = (key[None, :] <= cache_position[:, None])[None, None]  # (1, 1, T, S)
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     # every query may see itself, so padding rows never softmax over nothing (that would give NaN)
-    return mask | (key[None, :] == cache_position[:, None])[None, None]
+    return (causal & attention_mask.bool()[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

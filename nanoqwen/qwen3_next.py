@@ -6,7 +6,7 @@ read with o_t = S_t^T q_t. The fourth is Qwen3 attention with an output gate (q_
 `attn * sigmoid(gate)`) and RoPE on a quarter of head_dim. Norms are zero-centred (`x_hat * (1 + w)`, w starts at 0 and
 decays towards 0 in training). The MoE adds a shared expert scaled by `sigmoid(shared_expert_gate(x))`.
 
-Everything else is the Qwen3 model of model.py: embedding, RoPE, the KV cache, the MoE experts, losses. Names mirror
+Everything else is the Qwen3 model of model.py: embedding, RoPE, the cache protocol, the MoE experts, losses. Names mirror
 the HF checkpoint, so it loads and saves through checkpoint.py as the others do. The multi-token-prediction head that
 released checkpoints carry (`mtp.*`) is not part of this model (transformers does not load it either).
 """
@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Qwen3Config
-from .model import MLP, Attention, KVCache, Qwen3ForCausalLM, Qwen3Model, SparseMoE
+from .model import MLP, Attention, Qwen3ForCausalLM, Qwen3Model, SparseMoE
 
 
 class ZeroCenteredRMSNorm(nn.Module):
@@ -49,117 +49,72 @@ class GatedRMSNorm(nn.Module):
 class GatedAttention(Attention):
     """Qwen3 attention (QK-norm, GQA, the KV cache) with a sigmoid output gate per head and channel."""
 
-    def __init__(self, config: Qwen3Config):
-        super().__init__(config)
+    def __init__(self, config: Qwen3Config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
         hd = self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, 2 * self.num_heads * hd, bias=config.attention_bias)
         self.q_norm = ZeroCenteredRMSNorm(hd, config.rms_norm_eps)
         self.k_norm = ZeroCenteredRMSNorm(hd, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, cache_slots=None, kv_len=None):
+    def forward(self, x, cos, sin, mask=None, cache=None):
         B, T, _ = x.shape
         q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # per head [q | gate]
-        y = self.attend(q.reshape(B, T, -1), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache, cache_slots, kv_len)
+        y = self.attend(q.reshape(B, T, -1), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache)
         return self.o_proj(y * torch.sigmoid(gate.reshape(B, T, -1)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Gated DeltaNet
 
-class LinearAttentionState(nn.Module):
-    """One DeltaNet layer's inference state per row: the last kernel-1 conv inputs and the recurrent state (fp32).
-    Updated in place; unlike keys and values it has no positions, so the engine's cache shifts leave it alone."""
-
-    def __init__(self, batch_size: int, config: Qwen3Config, dtype, device=None):
-        super().__init__()
-        c = config
-        self.register_buffer("conv", torch.zeros(batch_size, c.linear_conv_dim, c.linear_conv_kernel_dim - 1,
-                                                 dtype=dtype, device=device), persistent=False)
-        self.register_buffer("recurrent", torch.zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim,
-                                                      c.linear_value_head_dim, dtype=torch.float32, device=device),
-                             persistent=False)
-
-    def clear(self) -> None:
-        """Forget what every row has read: the next prompts start from zero."""
-        self.conv.zero_()
-        self.recurrent.zero_()
-
-    def place(self, rows: torch.Tensor, new: "LinearAttentionState", start: int, end: int) -> None:
-        self.conv[rows] = new.conv
-        self.recurrent[rows] = new.recurrent
-
-    def shift(self, offset: int) -> None:
-        pass
-
-    def reorder(self, source: torch.Tensor) -> None:
-        pass
-
-    # speculative decoding: a tracked forward keeps the state after each of its tokens (conv inputs and recurrent
-    # state), and `keep` then rewinds each row to the one after its last accepted token
-    track = False
-    conv_steps = recurrent_steps = None
-
-    def keep(self, kept: torch.Tensor) -> None:
-        """Row b keeps the state after token kept[b] (0-based) of the tracked forward."""
-        if self.recurrent_steps is None:
-            return
-        B, C, K1 = self.conv.shape
-        rows = torch.arange(B, device=kept.device)
-        self.recurrent.copy_(self.recurrent_steps[rows, kept])
-        window = kept[:, None] + 1 + torch.arange(K1, device=kept.device)  # the K-1 inputs ending at that token
-        self.conv.copy_(self.conv_steps.gather(2, window[:, None, :].expand(B, C, K1)))
-        self.conv_steps = self.recurrent_steps = None
-
-
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: LinearAttentionState | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Depthwise causal convolution over time of x (B, T, C) with weight (C, 1, K). With a state, the K-1 inputs
-    before x are read from it and the last K-1 written back; with document_ids no tap reaches into another document."""
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, past: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution over time of x (B, T, C) with weight (C, 1, K): (output (B, T, C), the inputs
+    it read (B, C, K-1+T)). past (B, C, K-1): the inputs before x (None: zeros); with document_ids no tap reaches
+    into another document."""
     B, T, C = x.shape
     K = weight.shape[-1]
     x = x.transpose(1, 2).to(weight.dtype)
-    past = state.conv.to(x.dtype) if state is not None else x.new_zeros(B, C, K - 1)
+    past = past.to(x.dtype) if past is not None else x.new_zeros(B, C, K - 1)
     full = torch.cat((past, x), dim=-1)  # (B, C, K-1+T)
-    if state is not None:
-        state.conv.copy_(full[:, :, -(K - 1):])
-        if state.track:
-            state.conv_steps = full
     if document_ids is None:
-        return F.conv1d(full, weight, groups=C).transpose(1, 2)
+        return F.conv1d(full, weight, groups=C).transpose(1, 2), full
     out = torch.zeros_like(x)
     for lag in range(K):  # tap weight[..., K-1-lag] multiplies the input `lag` steps back
         same = torch.ones_like(document_ids, dtype=torch.bool) if lag == 0 else \
             F.pad(document_ids[:, lag:] == document_ids[:, :-lag], (lag, 0), value=False)
         out += weight[:, 0, K - 1 - lag, None] * full[:, :, K - 1 - lag:K - 1 - lag + T] * same[:, None, :]
-    return out.transpose(1, 2)
+    return out.transpose(1, 2), full
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
 
-def gated_delta_rule(q, k, v, g, beta, state: LinearAttentionState | None = None, document_ids=None,
-                     chunk_size: int = 64) -> torch.Tensor:
+def gated_delta_rule(q, k, v, g, beta, initial_state=None, document_ids=None, chunk_size: int = 64,
+                     record_every: int = 0):
     """The gated delta rule over a sequence, in fp32: q, k (B, T, Hk, Dk), v (B, T, H, Dv), g (log decay <= 0) and
-    beta (B, T, H). Each key head serves H/Hk consecutive value heads. Returns o (B, T, H, Dv) in v's dtype.
+    beta (B, T, H). Each key head serves H/Hk consecutive value heads.
 
-    A state supplies the start (else zeros) and receives the end. document_ids (B, T): the state starts over at
-    every document boundary (packed training rows). One token is the recurrence itself (decoding); longer inputs go
-    chunk by chunk: inside a chunk the C sequential updates collapse into a triangular solve (the WY/UT form of
-    DeltaNet), then one matmul carries the state across the chunk."""
+    Returns (o (B, T, H, Dv) in v's dtype, the final state (B, H, Dk, Dv) fp32, the recorded states or None).
+    initial_state: where the state starts (None: zeros). document_ids (B, T): the state starts over at every
+    document boundary (packed training rows). record_every=n also returns the state after every n tokens
+    (B, T // n, H, Dk, Dv): n=1 runs the recurrence token by token, n > 1 must be a multiple of chunk_size. One
+    token, or n=1, is the recurrence itself (decoding, speculative steps); longer inputs go chunk by chunk: inside a
+    chunk the C sequential updates collapse into a triangular solve (the WY/UT form of DeltaNet), then one matmul
+    carries the state across the chunk."""
     with torch.autocast(v.device.type, enabled=False):  # the state stays fp32 under bf16 autocast too
-        return _gated_delta_rule(q, k, v, g, beta, state, document_ids, chunk_size)
+        return _gated_delta_rule(q, k, v, g, beta, initial_state, document_ids, chunk_size, record_every)
 
 
-def _gated_delta_rule(q, k, v, g, beta, state, document_ids, chunk_size):
+def _gated_delta_rule(q, k, v, g, beta, initial_state, document_ids, chunk_size, record_every):
     dtype, H = v.dtype, v.shape[2]
     q, k = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (q, k))
     q, k, v, g, beta = (t.transpose(1, 2).float() for t in (q, k, v, g, beta))  # (B, H, T, ...)
     q, k = _l2norm(q) * q.shape[-1] ** -0.5, _l2norm(k)
     B, _, T, Dk = k.shape
-    S = state.recurrent.float() if state is not None else q.new_zeros(B, H, Dk, v.shape[-1])
-    tracked = state is not None and state.track
-    if (T == 1 or tracked) and document_ids is None:
+    S = initial_state.float() if initial_state is not None else q.new_zeros(B, H, Dk, v.shape[-1])
+    recorded = None
+    if (T == 1 or record_every == 1) and document_ids is None:
         outputs, states = [], []
         for i in range(T):  # the recurrence itself: decoding, and the few tokens of a speculative step
             S = S * g[..., i, None, None].exp()
@@ -168,13 +123,14 @@ def _gated_delta_rule(q, k, v, g, beta, state, document_ids, chunk_size):
             outputs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, :, i]))
             states.append(S)
         o = torch.stack(outputs, dim=2)
-        if tracked:
-            state.recurrent_steps = torch.stack(states, dim=1)  # (B, T, H, Dk, Dv)
+        if record_every == 1:
+            recorded = torch.stack(states, dim=1)  # (B, T, H, Dk, Dv)
     else:
-        o, S = _chunked(q, k, v, g, beta, S, document_ids, chunk_size)
-    if state is not None:
-        state.recurrent.copy_(S)
-    return o.transpose(1, 2).to(dtype)
+        o, S, states = _chunked(q, k, v, g, beta, S, document_ids, chunk_size)
+        if record_every and T >= record_every:  # the state after each chunk ending on a multiple of it
+            every = record_every // chunk_size
+            recorded = torch.stack(states[every - 1::every][:T // record_every], dim=1)
+    return o.transpose(1, 2).to(dtype), S, recorded
 
 
 def _chunked(q, k, v, g, beta, S, document_ids, C):
@@ -209,18 +165,20 @@ def _chunked(q, k, v, g, beta, S, document_ids, C):
     q_state = q * from_state[..., None]
     k_end = k * decay[..., -1, :, None]  # each key's weight in the chunk's end state
     end_carry = from_state[..., -1, None, None]
-    out = torch.empty_like(v)
+    out, states = torch.empty_like(v), []
     for n in range(N):
         u = u0[:, :, n] - w[:, :, n] @ S
         out[:, :, n] = q_state[:, :, n] @ S + attn[:, :, n] @ u
         S = end_carry[:, :, n] * S + k_end[:, :, n].transpose(-1, -2) @ u
-    return out.reshape(B, H, N * C, -1)[:, :, :T], S
+        states.append(S)
+    return out.reshape(B, H, N * C, -1)[:, :, :T], S, states
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, config: Qwen3Config):
+    def __init__(self, config: Qwen3Config, layer_idx: int = 0):
         super().__init__()
         c = config
+        self.layer_idx = layer_idx  # which of the cache's layers is this one's
         self.num_k_heads, self.num_v_heads = c.linear_num_key_heads, c.linear_num_value_heads
         self.head_k_dim, self.head_v_dim = c.linear_key_head_dim, c.linear_value_head_dim
         self.key_dim, self.value_dim = self.num_k_heads * self.head_k_dim, self.num_v_heads * self.head_v_dim
@@ -235,20 +193,27 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, c.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, state: LinearAttentionState | None = None, valid=None, document_ids=None):
-        if valid is not None:  # padding must not reach the state
+    def forward(self, x, cache=None, valid=None, document_ids=None):
+        """cache: a generation.cache.CacheView; the rows start from its state and leave theirs in it."""
+        if valid is not None:  # padding must not reach the state (below: it neither decays nor updates it)
             x = x * valid[..., None].to(x.dtype)
         B, T, _ = x.shape
         Hk, Dk, Dv, per_key = self.num_k_heads, self.head_k_dim, self.head_v_dim, self.num_v_heads // self.num_k_heads
         q, k, v, z = self.in_proj_qkvz(x).view(B, T, Hk, -1).split([Dk, Dk, per_key * Dv, per_key * Dv], dim=-1)
         b, a = self.in_proj_ba(x).view(B, T, Hk, 2 * per_key).split([per_key, per_key], dim=-1)
         mixed = torch.cat((q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)), dim=-1)
-        mixed = F.silu(causal_conv(mixed, self.conv1d.weight, state, document_ids)).to(x.dtype)
+        past, start = cache.read_state(self.layer_idx) if cache is not None else (None, None)
+        mixed, conv_inputs = causal_conv(mixed, self.conv1d.weight, past, document_ids)
+        mixed = F.silu(mixed).to(x.dtype)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta = b.reshape(B, T, -1).sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.reshape(B, T, -1).float() + self.dt_bias)
-        o = gated_delta_rule(q.view(B, T, Hk, Dk), k.view(B, T, Hk, Dk), v.view(B, T, -1, Dv), g, beta, state,
-                             document_ids)
+        if valid is not None:  # right padding after a row's tokens, or a cached state before left padding
+            beta, g = beta * valid[..., None], g * valid[..., None]
+        o, end, recorded = gated_delta_rule(q.view(B, T, Hk, Dk), k.view(B, T, Hk, Dk), v.view(B, T, -1, Dv), g, beta,
+                                            start, document_ids, record_every=cache.record_every if cache else 0)
+        if cache is not None:
+            cache.write_state(self.layer_idx, conv_inputs, end, recorded)
         o = self.norm(o, z.reshape(B, T, -1, Dv))
         return self.out_proj(o.reshape(B, T, -1))
 
@@ -273,20 +238,19 @@ class HybridDecoderLayer(nn.Module):
         self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_linear = config.is_linear_layer(layer_idx)
         if self.is_linear:
-            self.linear_attn = GatedDeltaNet(config)
+            self.linear_attn = GatedDeltaNet(config, layer_idx)
         else:
-            self.self_attn = GatedAttention(config)
+            self.self_attn = GatedAttention(config, layer_idx)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_sparse = config.is_sparse_layer(layer_idx)
         self.mlp = SharedExpertMoE(config) if self.is_sparse else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_slots=None, kv_len=None, valid=None,
-                document_ids=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, fused=None, valid=None, document_ids=None):
         h = self.input_layernorm(x)
         if self.is_linear:
             x = x + self.linear_attn(h, cache, valid, document_ids)
         else:
-            x = x + self.self_attn(h, cos, sin, mask, cache, cache_slots, kv_len)
+            x = x + self.self_attn(h, cos, sin, mask, cache)
         y, router_logits = self.mlp(self.post_attention_layernorm(x)), None
         if self.is_sparse:
             y, router_logits = y
@@ -298,7 +262,7 @@ class Qwen3NextModel(Qwen3Model):
 
 
 class Qwen3NextForCausalLM(Qwen3ForCausalLM):
-    """Qwen3-Next causal LM: the same interface as Qwen3ForCausalLM (forward, make_cache, losses)."""
+    """Qwen3-Next causal LM: the same interface as Qwen3ForCausalLM (forward, losses, the cache protocol)."""
     backbone = Qwen3NextModel
 
     def init_weights(self) -> None:
@@ -313,19 +277,9 @@ class Qwen3NextForCausalLM(Qwen3ForCausalLM):
                     module.dt_bias.fill_(1.0)
                     module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0.01, 16).log())
 
-    def fuse_projections(self, share_memory: bool | None = None) -> bool:
-        return True  # no stacked projections here: nothing to refresh
-
-    def make_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> nn.ModuleList:
-        """A KVCache for each attention layer and a LinearAttentionState for each DeltaNet layer."""
-        c, p = self.config, self.lm_head.weight
-        dtype, device = dtype or p.dtype, device or p.device
-        return nn.ModuleList(
-            LinearAttentionState(batch_size, c, dtype, device) if c.is_linear_layer(i) else
-            KVCache(batch_size, max_len, c.num_key_value_heads, c.head_dim, dtype, device)
-            for i in range(c.num_hidden_layers))
-
-    def layer_inputs(self, T: int, attention_mask, document_ids) -> dict:
+    def layer_inputs(self, T: int, attention_mask, document_ids, cache) -> dict:
         # the DeltaNet layers zero padding (never the one new token of a decode step) and restart at documents
-        valid = attention_mask[:, -T:].bool() if attention_mask is not None and T > 1 else None
+        if cache is not None:
+            return dict(valid=cache.valid, document_ids=document_ids)
+        valid = attention_mask.bool() if attention_mask is not None and T > 1 else None
         return dict(valid=valid, document_ids=document_ids)

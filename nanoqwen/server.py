@@ -1,9 +1,10 @@
 """An OpenAI-compatible HTTP server over the engine: chat and text completions (streamed or not), models, health.
 
-Continuous batching: one thread owns the `Engine`. Between decode steps it admits waiting requests into free slots
-(one prefill for all of them) and routes each chunk to the asyncio queue of the HTTP request it belongs to, so a new
-request joins the running batch at once and every stream advances one token per step. A client that goes away has
-its slots cancelled before the next step.
+Continuous batching: one thread owns the `Engine`. Between decode steps it admits waiting requests into free rows
+while the paged KV cache has blocks for them (one prefill for all, reusing cached prefixes such as a shared system
+prompt) and routes each chunk to the asyncio queue of the HTTP request it belongs to, so a new request joins the
+running batch at once and every stream advances one token per step. A client that goes away has its row cancelled
+(its blocks freed) before the next step.
 
 The chat API follows OpenAI and vLLM's Qwen3 conventions: `reasoning_content` apart from `content` (message and
 stream deltas), `chat_template_kwargs.enable_thinking`, `thinking_budget`, `tools` with `<tool_call>` output parsed
@@ -31,9 +32,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from .engine import Chunk, Engine, make_request
+from .generation.api import make_request
+from .generation.engine import Engine
+from .generation.request import Chunk
+from .generation.sampling import SamplingParams
 from .openai_types import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, Message
-from .sampling import SamplingParams
 
 
 class APIError(Exception):
@@ -95,8 +98,8 @@ class EngineLoop:
                     self.cancelled_running += 1
                 self.waiting = deque(w for w in self.waiting if w[0].index not in self.cancelled)
                 self.cancelled.clear()
-                admitted = [self.waiting.popleft() for _ in range(min(len(self.waiting),
-                                                                      len(self.engine.free_slots())))]
+                fits = self.engine.admissible([request for request, _, _ in self.waiting])
+                admitted = [self.waiting.popleft() for _ in range(fits)]
             try:
                 chunks = self._admit(admitted) if admitted else []
                 chunks += self.engine.step()
@@ -166,8 +169,9 @@ class Server:
 
     def __init__(self, model, tokenizer, model_name: str, max_batch: int, max_len: int, **engine_options):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.max_batch, self.max_len = max_batch, max_len
-        self.loop = EngineLoop(Engine(model, tokenizer, batch_size=max_batch, max_len=max_len, **engine_options))
+        engine = Engine(model, tokenizer, batch_size=max_batch, max_len=max_len, **engine_options)
+        self.max_batch, self.max_len = max_batch, engine.capacity  # a small KV cache holds shorter rows
+        self.loop = EngineLoop(engine)
 
     def requests(self, body, prompts: list, logprobs: int | None, **template) -> list:
         """n engine requests per prompt, checked: a ValueError of the engine or the template is a 400."""
@@ -323,10 +327,12 @@ async def _results(server: Server, http: HTTPRequest, requests: list):
 # The app
 
 def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: int | None = None,
-               api_key: str | None = None, speculative: str | None = None, num_speculative_tokens: int = 3) -> FastAPI:
+               api_key: str | None = None, **engine_options) -> FastAPI:
+    """engine_options: the Engine's (speculative, num_speculative_tokens, block_size, num_blocks,
+    kv_cache_memory_bytes, enable_prefix_caching)."""
     max_len = min(max_len or 4096, model.config.max_position_embeddings)
-    server = Server(model, tokenizer, model_name, max_batch, max_len, speculative=speculative,
-                    num_speculative_tokens=num_speculative_tokens)
+    server = Server(model, tokenizer, model_name, max_batch, max_len, **engine_options)
+    max_len = server.max_len
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
@@ -450,20 +456,21 @@ async def _completion_stream(server: Server, http, requests: list, head: dict, b
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
           max_len: int | None = None, dtype=None, device=None, model_name: str | None = None,
-          speculative: str | None = None, num_speculative_tokens: int = 3) -> None:
+          **engine_options) -> None:
     """Bind the port (a port in use fails at once, before the model loads), load a checkpoint folder and serve it
-    until interrupted."""
+    until interrupted. engine_options: as create_app."""
     import uvicorn
-    from .engine import load
+    from .checkpoint import load
     sock = bind(host, port)
     model, tokenizer = load(path, dtype=dtype, device=device)
     name = model_name or os.path.basename(os.path.normpath(path))
-    app = create_app(model, tokenizer, name, max_batch=max_batch, max_len=max_len, api_key=api_key,
-                     speculative=speculative, num_speculative_tokens=num_speculative_tokens)
+    app = create_app(model, tokenizer, name, max_batch=max_batch, max_len=max_len, api_key=api_key, **engine_options)
     sock.listen(2048)  # from here a client waits in the queue while the server starts, never refused
     address = f"[{host}]" if ":" in host else host
-    print(f"serving {name} on http://{address}:{sock.getsockname()[1]}/v1 ({max_batch} slots of "
-          f"{app.state.server.max_len} tokens)", flush=True)
+    cache = app.state.server.loop.engine.cache
+    print(f"serving {name} on http://{address}:{sock.getsockname()[1]}/v1 (up to {max_batch} rows of "
+          f"{app.state.server.max_len} tokens, KV cache {cache.pool.num_blocks - 1} blocks of {cache.block_size} "
+          f"tokens)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

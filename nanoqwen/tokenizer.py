@@ -218,7 +218,7 @@ class Tokenizer:
 
     def render_for_training(self, messages: list[dict], tools: list[dict] | None = None,
                             enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
-        return chat.render_for_training(messages, tools, enable_thinking, tokenizer=self)
+        return chat.render_for_training(self, messages, tools, enable_thinking)
 
     def parse_output(self, text: str | list[int]) -> dict:
         return chat.parse_output(text if isinstance(text, str) else self.decode(text))

@@ -207,7 +207,7 @@ def test_thinking_budget_inserts_the_reports_sentence_token_by_token(tok, hf_tok
     assistant turn it makes. One documented difference: the report prints a period after </think> ("</think>.\\n\\n"),
     which Qwen's chat format (every think block ends "</think>\\n\\n") and Qwen's own budget example leave out; the
     instruction goes after a blank line, as a paragraph of the reasoning."""
-    from nanoqwen.engine import generate
+    from nanoqwen.generation import generate
     from test_engine import scripted_model
     newline, blank, first, word, answer = (hf_tok.encode(t, add_special_tokens=False)[0]
                                            for t in ("\n", "\n\n", "Hmm", " hmm", "Hello"))
@@ -365,8 +365,8 @@ def test_mask_ids_equal_template_ids(tok, hf_tok, name):
     assert sum(mask) > 0 and all(ids[i] != tok.special_tokens["<|im_start|>"] for i, m in enumerate(mask) if m)
 
 
-def test_render_for_training_default_tokenizer():
-    ids, mask = chat.render_for_training([user("a"), assistant("b")])
+def test_render_for_training_module_function():
+    ids, mask = chat.render_for_training(load_tokenizer(), [user("a"), assistant("b")])
     assert ids == load_tokenizer().apply_chat_template([user("a"), assistant("b")])
 
 

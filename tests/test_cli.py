@@ -81,15 +81,15 @@ def test_chat_session_in_a_terminal(long_thinker_dir):
 
 def test_chat_keeps_history_with_reasoning(thinker_dir, monkeypatch, capsys):
     """Assistant turns are stored with reasoning_content (the template drops it from older turns)."""
-    import nanoqwen.engine as engine
-    seen, real_generate = [], engine.generate
+    import nanoqwen.generation.api as api
+    seen, real_generate = [], api.generate
 
     def recording_generate(model, tokenizer, messages, **kwargs):
         seen.append([dict(m) for m in messages])
         return real_generate(model, tokenizer, messages, **kwargs)
 
     lines = iter(["/budget 2", "first", "second", "/reset", "third", "/exit"])
-    monkeypatch.setattr(engine, "generate", recording_generate)
+    monkeypatch.setattr(api, "generate", recording_generate)
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     cli.main(["chat", "--model", thinker_dir, "--device", "cpu"])
     first, second, third = seen
@@ -105,7 +105,7 @@ def test_chat_keeps_history_with_reasoning(thinker_dir, monkeypatch, capsys):
 def test_chat_shows_the_commands_for_an_unknown_one(thinker_dir, monkeypatch, capsys):
     """An unknown /command (or a known one with stray words) is not sent to the model; soft switches and lines that
     only start with a slash are messages."""
-    import nanoqwen.engine as engine
+    import nanoqwen.generation.api as engine
     seen, real_generate = [], engine.generate
 
     def recording_generate(model, tokenizer, messages, **kwargs):
@@ -125,7 +125,7 @@ def test_chat_shows_the_commands_for_an_unknown_one(thinker_dir, monkeypatch, ca
 def test_hidden_think_blocks_leave_no_blank_line_runs(tok, monkeypatch, capsys):
     """Thinking that starts and ends with newlines, then an answer after more: shown as dimmed thinking, one blank
     line, the answer (no tags, no runs of blank lines); an empty think block shows nothing at all."""
-    from nanoqwen.engine import generate
+    from nanoqwen.generation import generate
     newline, blank, blank3, blank4 = (tok.encode(s)[0] for s in ("\n", "\n\n", "\n\n\n", "\n\n\n\n"))
     word, answer = tok.encode(" hmm")[0], tok.encode("Hello")[0]
     thinks = {newline: tok.think_start_id, tok.think_start_id: blank, blank: word, word: blank3,
@@ -152,6 +152,9 @@ def test_generate_prompt_flag_and_stdin(thinker_dir):
     drafted = nanoqwen("generate", "--model", thinker_dir, "--prompt", "hi", "--thinking-budget", "2", "--speculative",
                        "ngram", "--num-speculative-tokens", "5")
     assert drafted.returncode == 0 and drafted.stdout == out.stdout, drafted.stderr
+    paged = nanoqwen("generate", "--model", thinker_dir, "--prompt", "hi", "--thinking-budget", "2", "--block-size",
+                     "4", "--kv-cache-memory-bytes", "1MiB", "--no-enable-prefix-caching")
+    assert paged.returncode == 0 and paged.stdout == out.stdout, paged.stderr
     out = nanoqwen("generate", "--model", thinker_dir, "--no-think", "--json", stdin="hi from stdin")
     result = json.loads(out.stdout)
     assert result["content"] == "Hello" and result["finish_reason"] == "stop"
@@ -172,7 +175,7 @@ def test_generate_raw_from_a_folder_with_its_own_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "broken", "too_long", "bad_top_p", "bad_number", "bad_tokens",
-                                  "bad_draft", "empty_stdin", "blank_prompt"])
+                                  "bad_draft", "empty_stdin", "blank_prompt", "bad_block", "tiny_cache"])
 def test_generate_errors_are_one_line(thinker_dir, tmp_path, case):
     (tmp_path / "config.json").write_text("{not json")
     args = {
@@ -185,20 +188,23 @@ def test_generate_errors_are_one_line(thinker_dir, tmp_path, case):
         "bad_draft": ["--model", thinker_dir, "--speculative", "eagle"],
         "empty_stdin": ["--model", thinker_dir],
         "blank_prompt": ["--model", thinker_dir, "--prompt", " \n"],
+        "bad_block": ["--model", thinker_dir, "--block-size", "12"],
+        "tiny_cache": ["--model", thinker_dir, "--prompt", "hi", "--block-size", "4", "--num-blocks", "3"],
     }[case]
     out = nanoqwen("generate", *args, stdin="")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("nanoqwen generate: error: ") and out.stderr.count("\n") == 1, out.stderr
     expected = {"missing": "no checkpoint folder", "broken": "not valid JSON", "too_long": "context",
                 "bad_top_p": "--top-p", "bad_number": "expected a number", "bad_tokens": "--max-new-tokens",
-                "bad_draft": "--speculative", "empty_stdin": "the prompt is empty", "blank_prompt": "the prompt is empty"}[case]
+                "bad_draft": "--speculative", "empty_stdin": "the prompt is empty", "blank_prompt": "the prompt is empty",
+                "bad_block": "--block-size", "tiny_cache": "exceed the cache"}[case]
     assert expected in out.stderr
 
 
 def test_init_writes_a_folder_every_command_opens(tmp_path, capsys):
     """The official tokenizer (the vocabulary grown to fit it), or the one named with --tokenizer (the preset's
     vocabulary when it fits): either way generate opens the folder and the tokenizer is saved beside the weights."""
-    from nanoqwen.engine import load
+    from nanoqwen.checkpoint import load
     own = train_tokenizer(["the quick brown fox jumps over the lazy dog\n"] * 20, 300, str(tmp_path / "own"))
     cli.main(["init", "nano-d2", "--out", str(tmp_path / "official")])
     assert "vocab_size 8,192 -> 151,680 to fit the official Qwen3 tokenizer (151,669 tokens)" in capsys.readouterr().out

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from nanoqwen import cli, data
 from nanoqwen.checkpoint import load_model, save_model
 from nanoqwen.config import get_preset
-from nanoqwen.engine import encode_prompt, load
+from nanoqwen.checkpoint import load
+from nanoqwen.generation import encode_prompt
 from nanoqwen.tokenizer import train_tokenizer
 from nanoqwen.train import posttrain
 from nanoqwen.train.distill import (DistillConfig, OnPolicy, check_same_tokenizer, distill_loss, prepare_student,

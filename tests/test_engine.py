@@ -11,11 +11,12 @@ import transformers
 
 from nanoqwen.checkpoint import load_model, save_model
 from nanoqwen.config import Qwen3Config
-from nanoqwen.engine import (BUDGET_PHRASE, Engine, PromptLookup, _decode_step, generate, generate_batch, load,
-                             make_request)
+from nanoqwen.checkpoint import load
+from nanoqwen.generation import BUDGET_PHRASE, Engine, SamplingParams, generate, generate_batch, make_request
+from nanoqwen.generation.decode import decode_step
+from nanoqwen.generation.speculative import PromptLookup
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.qwen3_next import Qwen3NextForCausalLM
-from nanoqwen.sampling import SamplingParams
 from nanoqwen.tokenizer import load_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -91,7 +92,7 @@ def full_forward_greedy(model, prompt, n):
 def record_logits(engine):
     """Wrap the engine so every logits row that a token is chosen from is kept, per slot: the prefill's (through the
     sampler) and each decode step's (the step returns the logits of every slot)."""
-    seen, sample, decode = {}, engine.sampler.sample, engine._decode
+    seen, sample, decode = {}, engine.sampler.sample, engine.decoder.step
 
     def recording(logits, slots):
         for slot, row in zip(slots, logits):
@@ -104,7 +105,7 @@ def record_logits(engine):
             seen.setdefault(slot, []).append(logits[slot].float().clone())
         return logits
 
-    engine.sampler.sample, engine._decode = recording, decoding
+    engine.sampler.sample, engine.decoder.step = recording, decoding
     return seen
 
 
@@ -161,15 +162,16 @@ def test_batch_progress_bar_on_a_terminal_only(tok, monkeypatch):
 
 @pytest.mark.parametrize("hybrid", [False, True], ids=["qwen3", "hybrid"])
 @pytest.mark.parametrize("layout", ["cpu", "cuda_graph"])
-def test_continuous_batching_with_cache_shifts(tok, layout, hybrid):
-    """More requests than slots, of different lengths, in a cache so short it must shift right and compact.
-    The cuda_graph layout attends to the whole cache every step (static shapes), here run eagerly. The hybrid's
-    DeltaNet state of a slot starts over with each new request, in a fresh batch and when joining a running one."""
+def test_continuous_batching_over_blocks(tok, layout, hybrid):
+    """More requests than rows, of different lengths, in blocks of 4 tokens: rows cross block boundaries while
+    decoding, join a running batch and give their blocks to the next request. The cuda_graph layout decodes every
+    row over the whole block table (static shapes), here run eagerly. The hybrid's DeltaNet state of a row starts
+    over with each new request, in a fresh batch and when joining a running one."""
     model = random_model(hybrid=hybrid)
     prompts = [[1, 2, 3], list(range(20, 34)), [5, 6], list(range(40, 49)), [9]]
     budgets = [10, 4, 15, 7, 12]
-    engine = Engine(model, tok, batch_size=2, max_len=24, compile=layout == "cuda_graph")
-    engine._decode = _decode_step  # no compiler in the tests: the layout is what is checked
+    engine = Engine(model, tok, batch_size=2, max_len=24, compile=layout == "cuda_graph", block_size=4)
+    engine.decoder.step = decode_step  # no compiler in the tests: the layout is what is checked
     requests = [make_request(model, tok, p, SamplingParams(max_new_tokens=n, **GREEDY), index=i)
                 for i, (p, n) in enumerate(zip(prompts, budgets))]
     results = {c.index: c.result for c in engine.run(requests) if c.result}
@@ -183,7 +185,7 @@ def pipelined_and_not(model, tok, prompts, static=False, batch_size=2, max_len=6
     out = []
     for pipeline in (True, False):
         engine = Engine(model, tok, batch_size=batch_size, max_len=max_len, compile=static, pipeline=pipeline)
-        engine._decode = _decode_step  # no compiler: the step logic is what is checked
+        engine.decoder.step = decode_step  # no compiler: the step logic is what is checked
         out.append(list(generate_batch(model, tok, prompts, engine=engine, stream=True, **kwargs)))
         assert not engine.live_slots()
     return out
@@ -200,7 +202,7 @@ def summary(chunks):
 @pytest.mark.parametrize("static", [False, True], ids=["prefix", "static"])
 def test_pipelined_steps_equal_one_at_a_time(tok, thinker, talker, static):
     """Step n+1 queued before step n's tokens are read gives exactly the one-at-a-time results: continuous
-    batching with cache shifts, forced budget tokens decided a step ahead, stop tokens and strings, penalties,
+    batching, forced budget tokens decided a step ahead, stop tokens and strings, penalties,
     seeded sampling, logprobs."""
     model = random_model()
     prompts = [[1, 2, 3], list(range(20, 34)), [5, 6], list(range(40, 49)), [9]]
@@ -239,21 +241,25 @@ def test_pipelined_engine_runs_no_wasted_step_at_the_length_limit(tok):
 
 
 def test_engine_with_and_without_fused_projections(tok):
-    """The stacked q/k/v and gate/up weights (the default) give the same generations as separate projections."""
+    """The stacked q/k/v and gate/up weights (the default) give the same generations as separate projections;
+    they are the decode step's own tensors: the model's parameters keep their storage."""
     model = random_model()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     expected = [full_forward_greedy(model, p, 10) for p in prompts]
+    storage = [p.data_ptr() for p in model.parameters()]
     for fused in (False, True):
         for static in (False, True):
-            engine = Engine(model, tok, batch_size=2, max_len=32, compile=static)
-            engine.fused, engine._decode = fused, _decode_step
+            engine = Engine(model, tok, batch_size=2, max_len=32, compile=static, fuse_projections=fused)
+            engine.decoder.step = decode_step
             assert [r.token_ids for r in generate_batch(model, tok, prompts, max_new_tokens=10, engine=engine,
                                                         **GREEDY)] == expected
-    assert model.model.layers[0].self_attn.qkv_weight is not None
+            assert (engine.decoder.fused is not None) == fused
+    assert engine.decoder.fused.qkv[0] is not None and engine.decoder.fused.gate_up[1] is not None
+    assert [p.data_ptr() for p in model.parameters()] == storage
 
 
 def test_two_stage_greedy_equals_argmax():
-    from nanoqwen.engine import greedy_tokens
+    from nanoqwen.generation.decode import greedy_tokens
     torch.manual_seed(0)
     for trial in range(20):
         logits = torch.randn(3, 151936)
@@ -267,7 +273,7 @@ def test_decode_step_traces_as_one_graph(tok):
     """What CUDA-graph capture needs: no graph break in the decode step (checked with the compiler's eager backend)."""
     model = random_model()
     engine = Engine(model, tok, batch_size=2, max_len=32, compile=True)
-    engine._decode = torch.compile(_decode_step, backend="eager", fullgraph=True, dynamic=False)
+    engine.decoder.step = torch.compile(decode_step, backend="eager", fullgraph=True, dynamic=False)
     result = generate(model, tok, [1, 2, 3], max_new_tokens=8, engine=engine, **GREEDY)
     assert result.token_ids == full_forward_greedy(model, [1, 2, 3], 8)
 
@@ -484,31 +490,28 @@ def oracle_drafts(engine, reference: list[list[int]], seed: int = 0):
         if future and rng.random() < 0.5:
             future[rng.randrange(len(future))] += 1
         return future
-    engine._draft = draft
+    engine.draft = draft
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe", "hybrid"])
 def test_speculative_steps_give_the_plain_tokens(tok, kind):
-    """Drafts right, wrong and cut short, in a cache so small that the holes of rejected drafts must be closed:
-    the tokens are those of plain decoding, greedy and seeded sampling with penalties alike. The hybrid's DeltaNet
-    state goes back to the last kept token of each row."""
+    """Drafts right, wrong and cut short, in a pool so small that rows are preempted mid-way: the tokens are those
+    of plain decoding, greedy and seeded sampling with penalties alike. The hybrid's DeltaNet state goes back to
+    the last kept token of each row."""
     model = random_model(kind == "moe", hybrid=kind == "hybrid")
     prompts = [[1, 2, 3, 1, 2, 3, 1, 2], list(range(20, 34)), [5, 6], list(range(40, 49)) * 2, [9]]
     for knobs in (GREEDY, dict(temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=3)):
-        for batch_size, max_len in ((2, 256), (3, 60)):
-            plain = Engine(model, tok, batch_size=batch_size, max_len=max_len)
+        for batch_size, num_blocks in ((2, None), (3, 8)):
+            plain = Engine(model, tok, batch_size=batch_size, max_len=64)
             reference = [r.token_ids for r in generate_batch(model, tok, prompts, max_new_tokens=30, engine=plain,
                                                              **knobs)]
-            engine = Engine(model, tok, batch_size=batch_size, max_len=max_len, speculative="ngram",
-                            num_speculative_tokens=4)
+            engine = Engine(model, tok, batch_size=batch_size, max_len=64, speculative="ngram",
+                            num_speculative_tokens=4, num_blocks=num_blocks)
             oracle_drafts(engine, reference)
-            closed = []
-            defragment = engine._defragment
-            engine._defragment = lambda: (closed.append(engine.t), defragment())
             results = generate_batch(model, tok, prompts, max_new_tokens=30, engine=engine, **knobs)
             assert [r.token_ids for r in results] == reference
             assert 0 < engine.accepted < engine.drafted and engine.launches < plain.launches
-            assert bool(closed) == (max_len == 60)
+            assert (engine.preemptions > 0) == (num_blocks is not None)
 
 
 def speculative_and_not(model, tok, prompts, batch_size=2, max_len=64, **kwargs):
@@ -616,7 +619,6 @@ def test_load_checkpoint_folder_with_and_without_tokenizer(tok, tmp_path):
 
 def test_padded_vocabulary_rows_are_never_sampled():
     """Qwen3's embedding has 151,936 rows for 151,669 tokens: a model that favours a padded row must not emit it."""
-    from nanoqwen.engine import generate
     tokenizer = load_tokenizer()
     model = random_model(vocab_size=151936)
     with torch.no_grad():
@@ -629,7 +631,7 @@ def test_padded_vocabulary_rows_are_never_sampled():
 
 
 def test_extreme_penalties_stay_finite():
-    from nanoqwen.sampling import Sampler
+    from nanoqwen.generation.sampling import Sampler
     sampler = Sampler(2, 50, "cpu")
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=5e-324,
                             presence_penalty=2.0, seed=0)
@@ -641,7 +643,7 @@ def test_extreme_penalties_stay_finite():
 
 def test_tiny_top_p_keeps_the_best_token():
     """top_p = 5e-324 rounds to 0 in fp32: the best candidate must still be drawn (the server's fuzzing found this)."""
-    from nanoqwen.sampling import Sampler
+    from nanoqwen.generation.sampling import Sampler
     sampler = Sampler(1, 50, "cpu")
     sampler.set_row(0, SamplingParams(temperature=1.0, top_p=5e-324, top_k=0, min_p=0.0, seed=0), [1])
     logits = torch.randn(1, 50)

@@ -7,9 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from nanoqwen import kernels
-from nanoqwen.model import RMSNorm, fused_projections
+from nanoqwen.generation.cache_manager import PagedCache
+from nanoqwen.generation.decode import FusedProjections
+from nanoqwen.model import RMSNorm
 
 from test_engine import random_model
+from test_model import cached_forward
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(kernels.triton is None, reason="Triton is not installed (pip install triton)")]
@@ -66,15 +69,15 @@ def test_decode_with_kernels_matches_model(on):
     """Every decode step through kernels.decode_layer (and the norm fused into lm_head) gives the logits of the
     model's own layers, and greedy generation picks the same tokens."""
     model = random_model(num_hidden_layers=2).to(DEVICE, torch.bfloat16)
-    model.fuse_projections()
+    fused = FusedProjections(model)
     prompt = torch.tensor([[5, 9, 2, 7, 3]], device=DEVICE)
     logits = {}
     for use in (False, True):
         kernels.ENABLED = use
-        cache = model.make_cache(1, 8)
-        with torch.no_grad(), fused_projections():
-            model(prompt[:, :4], cache=cache, cache_position=torch.arange(4, device=DEVICE))
-            logits[use] = model(prompt[:, 4:], cache=cache, cache_position=torch.tensor([4], device=DEVICE)).logits
+        cache = PagedCache(model, rows=1, max_len=8, block_size=4)
+        with torch.no_grad():
+            cached_forward(model, cache, prompt[:, :4], 0, fused=fused)
+            logits[use] = cached_forward(model, cache, prompt[:, 4:], 4, fused=fused).logits
     kernels.ENABLED = True
     assert logits[True].shape == logits[False].shape
     assert (logits[True].float() - logits[False].float()).abs().max() < 0.05 * logits[False].float().abs().max()

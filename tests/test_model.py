@@ -11,7 +11,10 @@ from torch.nn.attention import flex_attention as flex
 import nanoqwen
 from nanoqwen.checkpoint import model_class
 from nanoqwen.config import PRESETS, Qwen3Config, get_preset
-from nanoqwen.model import decode_attention, fused_projections, load_balancing_loss
+from nanoqwen.generation.cache import paged_view
+from nanoqwen.generation.cache_manager import PagedCache
+from nanoqwen.generation.decode import FusedProjections
+from nanoqwen.model import decode_attention, load_balancing_loss
 
 TOL = 1e-4
 
@@ -204,7 +207,7 @@ def test_flex_attention_for_packed_documents_matches_transformers(tmp_path, monk
     docs = torch.tensor([sum(([i] * n for i, n in enumerate(row)), []) + [-1] * (200 - sum(row)) for row in rows])
     x = torch.randint(0, cfg["vocab_size"], docs.shape)
     monkeypatch.setattr(model_module, "FLEX_ATTENTION", "1")
-    assert isinstance(model_module._attention_mask(torch.arange(200), None, docs, None), flex.BlockMask)
+    assert isinstance(model_module._attention_mask(None, docs, 200, docs.device), flex.BlockMask)
     calls, flex_attention = [], model_module.flex_attention
     if not compiled_layers:  # (inside compiled layers the call is traced, not run)
         monkeypatch.setattr(model_module, "flex_attention", lambda *a: calls.append(1) or flex_attention(*a))
@@ -228,19 +231,27 @@ def test_flex_attention_for_packed_documents_matches_transformers(tmp_path, monk
         assert max_diff(flexed[0], sdpa[0]) <= 0.05
 
 
+def cached_forward(model, cache: PagedCache, ids: torch.Tensor, start: int, **kwargs):
+    """A forward of ids (B, T) at positions start.. through every row of a paged cache (blocks reserved first)."""
+    B, T = ids.shape
+    for row in range(B):
+        assert cache.reserve(row, start + T)
+    positions = torch.arange(start, start + T, device=ids.device)[None].expand(B, T)
+    view = paged_view(cache.layers, cache.table, positions, cache.block_size)
+    return model(ids, position_ids=positions, cache=view, **kwargs)
+
+
 def test_cached_decoding_equals_full_forward():
     torch.manual_seed(0)
     for preset in ("nano-d2", "nano-moe-d2"):
         model = nanoqwen.load_model(preset).eval()
         x = torch.randint(0, 500, (2, 24))
-        cache = model.make_cache(2, 64)
+        cache = PagedCache(model, rows=2, max_len=64, block_size=8)
         with torch.no_grad():
             full = model(x).logits
-            steps = [model(x[:, :16], cache=cache, cache_position=torch.arange(16),
-                           attention_mask=torch.ones(2, 16)).logits]
+            steps = [cached_forward(model, cache, x[:, :16], 0).logits]
             for t in range(16, 24):
-                steps.append(model(x[:, t:t + 1], cache=cache, cache_position=torch.tensor([t]),
-                                   attention_mask=torch.ones(2, t + 1)).logits)
+                steps.append(cached_forward(model, cache, x[:, t:t + 1], t).logits)
         assert max_diff(torch.cat(steps, dim=1), full) <= TOL, preset
 
 
@@ -256,42 +267,36 @@ def test_decode_attention_equals_sdpa():
     assert max_diff(torch.compile(decode_attention, backend="eager", fullgraph=True)(q, k, v, mask), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("share_memory", [False, True], ids=["copies", "views"])
-def test_fused_projections_follow_the_weights(tmp_path, share_memory):
-    """Stacked q/k/v and gate/up weights for inference: same names and shapes, same logits, saved checkpoints
-    unchanged; the stacks follow optimizer steps (views: by themselves; copies: refreshed by the next call) and
-    replaced parameters."""
+def test_fused_projections_follow_the_weights(tmp_path):
+    """Stacked q/k/v and gate/up weights, owned by the decode step: the same logits; the model's parameters keep
+    their storage, names and shapes (checkpoints unchanged); the stacks follow optimizer steps and replaced
+    parameters once refreshed."""
     torch.manual_seed(0)
     model = nanoqwen.load_model("nano-d2").eval()
     names, x = {k: v.shape for k, v in model.state_dict().items()}, torch.randint(0, 500, (2, 12))
+    storage = [p.data_ptr() for p in model.parameters()]
     with torch.no_grad():
         plain = model(x).logits
-    assert not model.fuse_projections(share_memory)  # new stacks
+    fused = FusedProjections(model)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert {k: v.shape for k, v in model.state_dict().items()} == names
-    nq, nk, ni = attn.q_proj.out_features, attn.k_proj.out_features, mlp.up_proj.out_features
-    views = attn.v_proj.weight.data_ptr() == attn.qkv_weight[nq + nk:].data_ptr()
-    assert views == share_memory == (mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[ni:].data_ptr())
+    assert [p.data_ptr() for p in model.parameters()] == storage  # never views into the stacks
+    nq, ni = attn.q_proj.out_features, mlp.up_proj.out_features
     with torch.no_grad():
-        assert max_diff(model(x).logits, plain) == 0  # outside the context: the separate projections
-        with fused_projections():
-            assert max_diff(model(x).logits, plain) <= TOL
-    optimizer, before = torch.optim.AdamW(model.parameters(), lr=1e-2), attn.q_proj.weight.detach().clone()
+        assert max_diff(model(x, fused=fused).logits, plain) <= TOL
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(x, labels=x).loss.backward()
     optimizer.step()
-    assert not torch.equal(attn.q_proj.weight, before)
-    assert torch.equal(attn.qkv_weight[:nq], attn.q_proj.weight) == share_memory
-    assert model.fuse_projections(share_memory)  # the same stacks, refreshed
-    assert torch.equal(attn.qkv_weight[:nq], attn.q_proj.weight)
+    assert not torch.equal(fused.qkv[0][:nq], attn.q_proj.weight)  # a copy: stale until refreshed
+    assert fused.refresh()  # the same stacks, refreshed
+    assert torch.equal(fused.qkv[0][:nq], attn.q_proj.weight)
     mlp.up_proj.weight.data = torch.randn_like(mlp.up_proj.weight)  # replaced
-    assert model.fuse_projections(share_memory) and torch.equal(mlp.gate_up_weight[ni:], mlp.up_proj.weight)
+    assert fused.refresh() and torch.equal(fused.gate_up[0][ni:], mlp.up_proj.weight)
     with torch.no_grad():
         plain = model(x).logits
-        with fused_projections():
-            assert max_diff(model(x).logits, plain) <= TOL
-    if not share_memory:  # views on the CPU would make safetensors refuse the save (shared memory)
-        nanoqwen.save_model(model, str(tmp_path))
-        assert max_diff(nanoqwen.load_model(str(tmp_path))(x).logits, plain) == 0
+        assert max_diff(model(x, fused=fused).logits, plain) <= TOL
+    nanoqwen.save_model(model, str(tmp_path))
+    assert max_diff(nanoqwen.load_model(str(tmp_path))(x).logits, plain) == 0
 
 
 def test_loss_and_gradients_match_transformers(tmp_path):

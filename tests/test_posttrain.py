@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoqwen import cli, report
-from nanoqwen.engine import load
+from nanoqwen.checkpoint import load
 from nanoqwen.tasks import sample_examples, to_messages
 from nanoqwen.train import evaluate, posttrain, rewards
 from nanoqwen.train.grpo import GRPO, GRPOConfig, group_advantages, grpo_loss, token_logprobs

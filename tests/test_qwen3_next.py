@@ -13,9 +13,10 @@ from transformers.models.qwen3_next import modeling_qwen3_next as hf_next
 from nanoqwen.checkpoint import load_model, model_class, save_model
 from nanoqwen.config import Qwen3Config, get_preset
 from nanoqwen.model import Qwen3ForCausalLM
-from nanoqwen.qwen3_next import LinearAttentionState, gated_delta_rule
+from nanoqwen.generation.cache_manager import PagedCache
+from nanoqwen.qwen3_next import gated_delta_rule
 from nanoqwen.train.trainer import TrainConfig, Trainer
-from test_model import max_diff, perturbed
+from test_model import cached_forward, max_diff, perturbed
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -106,17 +107,12 @@ def test_gated_delta_rule_equals_transformers_chunked_and_recurrent(T):
     g = -torch.rand(B, T, H) * 2  # log decays
     beta = torch.rand(B, T, H)
     start = torch.randn(B, H, Dk, Dv)
-    state = LinearAttentionState(B, Qwen3Config(model_type="qwen3_next", num_hidden_layers=4, hidden_size=64,
-                                                num_attention_heads=4, num_key_value_heads=2,
-                                                linear_num_key_heads=Hk, linear_num_value_heads=H,
-                                                linear_key_head_dim=Dk, linear_value_head_dim=Dv), torch.float32)
-    state.recurrent.copy_(start)
-    ours = gated_delta_rule(q, k, v, g, beta, state)
+    ours, our_end, _ = gated_delta_rule(q, k, v, g, beta, start)
     for reference in (hf_next.torch_chunk_gated_delta_rule, hf_next.torch_recurrent_gated_delta_rule):
         expected, end = reference(q, k, v, g=g, beta=beta, initial_state=start, output_final_state=True,
                                   use_qk_l2norm_in_kernel=True)
         assert max_diff(ours, expected) < 1e-4, reference.__name__
-        assert max_diff(state.recurrent, end) < 1e-4, reference.__name__
+        assert max_diff(our_end, end) < 1e-4, reference.__name__
 
 
 def test_gated_delta_rule_stays_fp32_under_autocast():
@@ -124,9 +120,9 @@ def test_gated_delta_rule_stays_fp32_under_autocast():
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 100, 2, 16), torch.randn(1, 100, 2, 16), torch.randn(1, 100, 4, 8)
     g, beta = -torch.rand(1, 100, 4), torch.rand(1, 100, 4)
-    expected = gated_delta_rule(q, k, v, g, beta)
+    expected = gated_delta_rule(q, k, v, g, beta)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(gated_delta_rule(q, k, v, g, beta), expected)
+        assert torch.equal(gated_delta_rule(q, k, v, g, beta)[0], expected)
 
 
 def test_cached_decoding_equals_full_forward(tmp_path):
@@ -135,10 +131,10 @@ def test_cached_decoding_equals_full_forward(tmp_path):
     ids = torch.randint(0, 160, (2, 150))
     with torch.no_grad():
         full = model(ids).logits
-        cache = model.make_cache(2, 160)
-        logits = [model(ids[:, :70], cache=cache, cache_position=torch.arange(70)).logits]  # prefill, then one by one
+        cache = PagedCache(model, rows=2, max_len=160)
+        logits = [cached_forward(model, cache, ids[:, :70], 0).logits]  # prefill, then one by one
         for t in range(70, 150):
-            logits.append(model(ids[:, t:t + 1], cache=cache, cache_position=torch.tensor([t])).logits)
+            logits.append(cached_forward(model, cache, ids[:, t:t + 1], t).logits)
     assert max_diff(torch.cat(logits, 1), full) < TOL
 
 

@@ -9,7 +9,7 @@ import torch
 from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
-from nanoqwen.sampling import Sampler, SamplingParams
+from nanoqwen.generation.sampling import Sampler, SamplingParams
 
 V = 64  # a small vocabulary: penalties and filters change much of the distribution
 

@@ -21,7 +21,8 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from nanoqwen.checkpoint import save_model
-from nanoqwen.engine import BUDGET_PHRASE, load
+from nanoqwen.checkpoint import load
+from nanoqwen.generation import BUDGET_PHRASE
 from nanoqwen.server import create_app
 from nanoqwen.tokenizer import train_tokenizer
 from test_engine import chain, full_forward_greedy, random_model, scripted_model, thinker_script
@@ -265,6 +266,27 @@ def test_32_concurrent_streams_equal_each_request_alone(small):
     assert concurrent == [_alone(url, r) for r in requests]
 
 
+def test_32_streams_sharing_a_system_prompt_in_a_small_kv_cache(small_dir, tok):
+    """32 clients with one long system prompt and their own questions, in a KV cache of 40 blocks of 16 tokens:
+    fewer rows than the 16 allowed fit at once (blocks, not rows, are the limit), the shared prompt's blocks are
+    computed once and reused, and every stream equals the request alone; so does each answer with the prefix
+    cache off."""
+    system = {"role": "system", "content": "the quick brown fox jumps over the lazy dog. " * 4}
+    requests = [dict(r, messages=[system] + r["messages"]) for r in map(_request, range(32))]
+    with running(small_dir, max_batch=16, max_len=256, num_blocks=40) as (url, app):
+        async def together():
+            c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+            return await asyncio.gather(*[_stream_text(c, _name(url), r) for r in requests])
+        concurrent = asyncio.run(together())
+        engine = app.state.server.loop.engine
+        assert 1 < app.state.server.loop.peak_running < 16
+        assert engine.cache.pool.hit >= 31 * 5 and engine.cache.pool.capacity == 40
+        assert concurrent == [_alone(url, r) for r in requests]
+    with running(small_dir, max_batch=16, max_len=256, enable_prefix_caching=False) as (url, app):
+        assert concurrent[::4] == [_alone(url, r) for r in requests[::4]]
+        assert app.state.server.loop.engine.cache.pool.hit == 0
+
+
 @pytest.mark.parametrize("speculative", [None, "ngram"])
 def test_hybrid_model_serves_concurrent_streams_equal_to_each_request_alone(tmp_path, speculative):
     """A Qwen3-Next checkpoint: requests joining a running batch get their DeltaNet state placed in their slot;
@@ -282,7 +304,7 @@ def test_hybrid_model_serves_concurrent_streams_equal_to_each_request_alone(tmp_
                 if future and rng.random() < 0.5:
                     future[rng.randrange(len(future))] += 1
                 return future
-            engine._draft = draft
+            engine.draft = draft
 
         async def together():
             c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import latest_checkpoint, load_model, resolve, save_model
+from ..checkpoint import latest_checkpoint, load, load_model, resolve, save_model
 from ..config import get_preset, padded_vocab_size
-from ..engine import encode_prompt, generate_batch, load
+from ..generation.api import encode_prompt, generate_batch
 from . import rewards
 from .posttrain import write_jsonl
 from .options import AT_LEAST_0, POSITIVE, UNIT, RunOptions, TaskOptions, model_lr, option

@@ -17,10 +17,10 @@ import os
 import random
 from dataclasses import dataclass
 
-from ..engine import generate_batch as _generate_batch, load
+from ..checkpoint import load, resolve
+from ..generation.api import generate_batch as _generate_batch
 from ..tasks import ANSWER_PREFIX, answer_line, sample_examples
 from . import rewards
-from ..checkpoint import resolve
 from .options import POSITIVE, TaskOptions, option
 from .posttrain import task_record
 

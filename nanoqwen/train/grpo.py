@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import encode_prompt, generate_batch
+from ..generation.api import encode_prompt, generate_batch
 from . import rewards
 from .options import POSITIVE, RunOptions, TaskOptions, model_lr, option
 from .sft import pad_batch
@@ -297,7 +297,7 @@ def run(o: RLOptions) -> str:
     """An RL stage from its options: the policy (and judge, reward model, reference), the prompts, then GRPO."""
     from dataclasses import fields
     from ..checkpoint import resolve
-    from ..engine import load
+    from ..checkpoint import load
     from .reward_model import RewardModel
     model, tokenizer = load(resolve(o.model), dtype=torch.float32, device="cpu")  # the Trainer moves it
     judge = load(resolve(o.judge), device=o.device)[0] if o.judge else None

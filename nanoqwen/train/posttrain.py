@@ -17,7 +17,8 @@ import random
 from collections import Counter
 
 from ..atomic import atomic_write
-from ..engine import generate_batch, load
+from ..checkpoint import load
+from ..generation.api import generate_batch
 from ..tasks import TASKS, answer_line, sample_examples, to_messages
 from . import rewards
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import latest_checkpoint
-from ..engine import encode_prompt, load
+from ..checkpoint import latest_checkpoint, load
+from ..generation.api import encode_prompt
 from .options import POSITIVE, RunOptions, TaskOptions, model_lr, option
 from .sft import read_jsonl
 from .trainer import Compute, MeteredTrainer, TrainConfig

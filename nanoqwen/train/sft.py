@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import latest_checkpoint
+from ..checkpoint import latest_checkpoint, load
 from ..data import iter_jsonl
-from ..engine import load
 from .options import POSITIVE, RunOptions, TaskOptions, model_lr, option
 from .trainer import Compute, MeteredTrainer, TrainConfig, resume_checkpoint
 

@@ -99,7 +99,7 @@ class Sampler:
             generator.manual_seed(params.seed)
         self.generators[row] = generator
         if self._wants_penalty(params) and self.generated is None:
-            shape = (len(self.generators), self.vocab_size)
+            shape = (len(self.generators), self.vocab_size + 1)  # the last column: observe_all's other rows
             self.generated = torch.zeros(shape, dtype=torch.bool, device=self.device)
             self.seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
         if self.generated is not None:
@@ -119,12 +119,13 @@ class Sampler:
             self.generated[rows, tokens] = True
             self.seen[rows, tokens] = True
 
-    def observe_all(self, tokens: torch.Tensor) -> None:
-        """Record one token per row (a (batch,) tensor on the device; rows not in use record garbage, which set_row
-        clears) without leaving the device."""
+    def observe_all(self, tokens: torch.Tensor, live: torch.Tensor) -> None:
+        """Record one token per live row (tokens and live: (batch,) tensors on the device) without leaving the
+        device; the other rows (free, or preempted and keeping their history) record into a spare column."""
         if self.generated is not None:
-            self.generated.scatter_(1, tokens[:, None], True)
-            self.seen.scatter_(1, tokens[:, None], True)
+            index = torch.where(live, tokens, self.vocab_size)[:, None]
+            self.generated.scatter_(1, index, True)
+            self.seen.scatter_(1, index, True)
 
     def is_greedy(self, rows: list[int]) -> bool:
         """Whether the next tokens of these rows are plain argmaxes of the logits (no penalty, temperature 0)."""
