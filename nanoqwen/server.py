@@ -32,9 +32,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from .chat import OutputParser
 from .generation.api import make_request
 from .generation.engine import Engine
-from .generation.request import Chunk
+from .generation.request import THINKING, Chunk, initial_phase
 from .generation.sampling import SamplingParams
 from .openai_types import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, Message
 
@@ -261,34 +262,6 @@ def _finish_reason(result) -> str:
     return "tool_calls" if result.tool_calls else result.finish_reason
 
 
-def _tool_call_deltas(tool_calls: list) -> list[dict]:
-    return [{"index": k, **call} for k, call in enumerate(tool_calls)]
-
-
-class ChoiceText:
-    """The deltas of one streamed chat choice: reasoning and content as the final message has them (think tags and
-    outer newlines dropped), content held back from a `<tool_call>` on, which the last chunk sends parsed."""
-
-    def __init__(self):
-        self.raw = {"reasoning": "", "content": ""}
-        self.sent = {"reasoning_content": "", "content": ""}
-
-    def delta(self, chunk: Chunk) -> dict:
-        self.raw[chunk.kind] += chunk.text
-        visible = {"reasoning_content": self.raw["reasoning"].replace("<think>", "").replace("</think>", "").strip("\n"),
-                   "content": self.raw["content"].split("<tool_call>")[0].strip()}
-        if chunk.result is not None:
-            visible = {"reasoning_content": chunk.result.reasoning_content or "", "content": chunk.result.content}
-        delta = {}
-        for key, text in visible.items():
-            if text.startswith(self.sent[key]) and len(text) > len(self.sent[key]):
-                delta[key] = text[len(self.sent[key]):]
-                self.sent[key] = text
-        if chunk.result is not None and chunk.result.tool_calls:
-            delta["tool_calls"] = _tool_call_deltas(chunk.result.tool_calls)
-        return delta
-
-
 def _sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -411,8 +384,10 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: 
 
 
 async def _chat_stream(server: Server, http, requests: list, head: dict, body, top: int):
+    """Chat chunks as OpenAI deltas: each choice's text goes through an OutputParser, so the deltas add up to the
+    message a non-streamed request gets (reasoning, content, then each tool call: its name, then its arguments)."""
     choice = {r.index: i for i, r in enumerate(requests)}
-    texts = {r.index: ChoiceText() for r in requests}
+    parsers = {r.index: OutputParser(initial_phase(r.prompt_ids, server.tokenizer) == THINKING) for r in requests}
     event = {**head, "object": "chat.completion.chunk"}
     for i in range(len(requests)):
         yield _sse({**event, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -420,13 +395,19 @@ async def _chat_stream(server: Server, http, requests: list, head: dict, body, t
     results = []
     try:
         async for chunk in _chunks(server, http, requests):
-            delta = texts[chunk.index].delta(chunk)
-            logprobs = {"content": _token_logprobs(server.tokenizer, [chunk], top)} if body.logprobs else None
+            deltas, finish_reason = parsers[chunk.index].feed(chunk.text), None
             if chunk.result is not None:
+                last, message = parsers[chunk.index].finish()
+                deltas += last
                 results.append(chunk.result)
-            if delta or chunk.result is not None or (logprobs and logprobs["content"]):
-                yield _sse({**event, "choices": [{"index": choice[chunk.index], "delta": delta, "logprobs": logprobs,
-                                                  "finish_reason": chunk.result and _finish_reason(chunk.result)}]})
+                finish_reason = "tool_calls" if message["tool_calls"] else chunk.result.finish_reason
+            logprobs = {"content": _token_logprobs(server.tokenizer, [chunk], top)} if body.logprobs else None
+            if not deltas and (finish_reason or (logprobs and logprobs["content"])):
+                deltas = [{}]
+            for k, delta in enumerate(deltas):
+                yield _sse({**event, "choices": [{"index": choice[chunk.index], "delta": delta,
+                                                  "logprobs": logprobs if k == 0 else None,
+                                                  "finish_reason": finish_reason if k == len(deltas) - 1 else None}]})
         if body.stream_options and body.stream_options.include_usage:
             yield _sse({**event, "choices": [], "usage": _usage(requests, results, body.n)})
     except APIError as error:

@@ -170,7 +170,9 @@ def test_tool_call_round_trip(tool_model, tok):
     streamed = list(client(url).chat.completions.create(model=_name(url), messages=messages, tools=[WEATHER_TOOL],
                                                         stream=True))
     calls = [c for e in streamed for c in (e.choices[0].delta.tool_calls or [])]
-    assert [c.function.name for c in calls] == ["get_weather"] and calls[0].id
+    assert calls[0].function.name == "get_weather" and calls[0].id and calls[0].function.arguments == ""
+    assert all(c.index == 0 and not c.function.name for c in calls[1:])  # then the arguments, in fragments
+    assert "".join(c.function.arguments for c in calls) == call.function.arguments
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(e.choices[0].delta.content or "" for e in streamed)  # the call's text is not content
 

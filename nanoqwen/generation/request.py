@@ -141,8 +141,7 @@ class Row:
 
     def result(self) -> GenerationResult:
         text = "".join(self.sent)
-        # a prompt that opened the think block leaves no <think> in the output; the parser needs it to see reasoning
-        parsed = self.tokenizer.parse_output(("<think>" if self.started_thinking else "") + text)
+        parsed = self.tokenizer.parse_output(text, thinking=self.started_thinking)
         return GenerationResult(text, parsed["reasoning_content"], parsed["content"], parsed["tool_calls"],
                                 list(self.token_ids), self.finish_reason, len(self.request.prompt_ids),
                                 len(self.token_ids), self.reasoning_tokens, self.logprobs)
