@@ -35,9 +35,10 @@ from starlette.exceptions import HTTPException
 from .chat import OutputParser
 from .generation.api import make_request
 from .generation.engine import Engine
+from .generation.grammar import compile_constraint, constraint
 from .generation.request import THINKING, Chunk, initial_phase
 from .generation.sampling import SamplingParams
-from .openai_types import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, Message
+from .openai_types import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, Message, NamedToolChoice
 
 
 class APIError(Exception):
@@ -221,7 +222,18 @@ class Server:
         elif body.tool_choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs tools", "tool_choice")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return self.requests(body, [messages], top, enable_thinking=enable_thinking, tools=tools or None)
+        response_format = body.response_format.model_dump(by_alias=True) if body.response_format else None
+        tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else \
+            body.tool_choice
+        try:
+            key = constraint(response_format, tool_choice, tools)
+            if key is not None:
+                compile_constraint(self.tokenizer, key)  # cached: make_request finds it compiled
+        except ValueError as error:
+            constrained_json = response_format and response_format["type"] != "text"
+            raise APIError(400, str(error), "response_format" if constrained_json else "tool_choice") from None
+        return self.requests(body, [messages], top, enable_thinking=enable_thinking, tools=tools or None,
+                             constraint=key)
 
     def completion_requests(self, body: CompletionRequest) -> list:
         prompt = body.prompt
