@@ -305,17 +305,39 @@ END_MARKERS = ("<|im_end|>", "<|endoftext|>")  # a stop token left at the end of
 _HELD_TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, *END_MARKERS)  # a text ending with the start of one waits
 
 
-def tool_call(body: str) -> dict | None:
-    """The {"name", "arguments"} of a `<tool_call>` block's body, or None when it is not a call. The arguments are
-    always JSON text (a string value stays a JSON string); "parameters" is read as "arguments", as SGLang does."""
+def tool_call(value) -> dict | None:
+    """The {"name", "arguments"} of the JSON value in a `<tool_call>` block, or None when it is not a call. The
+    arguments are always JSON text (a string value stays a JSON string); "parameters" is read as "arguments", as
+    SGLang does."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value["arguments"] if "arguments" in value else value.get("parameters", {})
+    return {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _call_block(text: str, start: int, final: bool) -> tuple[int, dict | None] | None:
+    """(end, call) of the `<tool_call>` block opened at text[start]: a call ends after its JSON value's
+    `</tool_call>` (so the tag may appear inside its strings); a malformed block (call None) at the first
+    `</tool_call>`. None while the text so far cannot tell (and, when final, for an unclosed block)."""
+    body = start + len(CALL_OPEN)
+    value_start = body + len(text[body:]) - len(text[body:].lstrip())
     try:
-        call = json.loads(body)
+        value, value_end = _DECODER.raw_decode(text, value_start)
     except (ValueError, RecursionError):
-        return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
-    arguments = call["arguments"] if "arguments" in call else call.get("parameters", {})
-    return {"name": call["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
+        value_end = None
+    if value_end is not None:
+        after = text[value_end:].lstrip()
+        if after.startswith(CALL_CLOSE) and tool_call(value):
+            return len(text) - len(after) + len(CALL_CLOSE), tool_call(value)
+        if not final and CALL_CLOSE.startswith(after):
+            return None  # the closing tag may still come
+    elif not final:
+        return None  # an incomplete value, or an invalid one: told apart at the end
+    close = text.find(CALL_CLOSE, body)
+    return None if close < 0 else (close + len(CALL_CLOSE), None)
 
 
 def _held_back(text: str) -> str:
@@ -331,8 +353,8 @@ class OutputParser:
     """Parses a model's output as it grows into OpenAI message fields, and the stream deltas between them.
 
     Reasoning is the text of a think block that opens the output (or that the prompt opened: `thinking=True`) up
-    to the first `</think>`, stray `<think>` tags dropped; the answer is the rest. A `<tool_call>` block becomes a
-    tool call once it closes and its body is a call; a malformed or unclosed one stays content. Text that may
+    to the first `</think>`, stray `<think>` tags dropped; the answer is the rest. A `<tool_call>` block holding a
+    call's JSON followed by `</tool_call>` becomes a tool call; a malformed or unclosed one stays content. Text that may
     still change meaning (a partial tag, an open block, trailing whitespace the message strips) is held back, so
     the deltas add up to exactly the finished message: a tool call is sent when its block closes, first its name
     then its arguments, as OpenAI deltas."""
@@ -385,11 +407,10 @@ class OutputParser:
         and a partial tag held back until final."""
         while True:
             start = answer.find(CALL_OPEN, self.resolved)
-            end = answer.find(CALL_CLOSE, start) if start >= 0 else -1
-            if end < 0:
+            block = None if start < 0 else _call_block(answer, start, final)
+            if block is None:
                 break
-            end += len(CALL_CLOSE)
-            call = tool_call(answer[start + len(CALL_OPEN):end - len(CALL_CLOSE)])
+            end, call = block
             self.resolved_content += answer[self.resolved:start] if call else answer[self.resolved:end]
             self.resolved = end
             if call:

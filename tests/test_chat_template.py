@@ -429,6 +429,11 @@ def test_tool_call_arguments_are_always_json_text_and_render_back(tok, arguments
     assert output + "<|im_end|>" in rendered  # re-rendering writes what the model wrote
 
 
+def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call():
+    parsed = chat.parse_output('<tool_call>\n{"name": "f", "arguments": {"s": "</tool_call>"}}\n</tool_call>')
+    assert parsed["tool_calls"][0]["function"]["arguments"] == '{"s": "</tool_call>"}' and parsed["content"] == ""
+
+
 def test_parameters_are_read_as_arguments():
     parsed = chat.parse_output('<tool_call>\n{"name": "f", "parameters": {"x": 1}}\n</tool_call>')
     assert parsed["tool_calls"][0]["function"]["arguments"] == '{"x": 1}' and parsed["content"] == ""
@@ -452,7 +457,7 @@ def test_thinking_modes_of_the_parser():
 
 _PIECES = ["<think>", "</think>", "<tool_call>", "</tool_call>", "\n", "\n\n", " ", "Hi", "<", "<thi", "</tool",
            '{"name": "f", "arguments": ', '{"name": "g", "parameters": ', '{"x": [1, "两"]}', '"hello"', "}",
-           '{"name": 3}', "not json", "<|im_end|>", "<|im_", "tail"]
+           '{"name": 3}', "not json", "<|im_end|>", "<|im_", "tail", '"a</tool_call>b"', "12", '"', "{"]
 
 
 def _assembled(deltas: list[dict]) -> dict:

@@ -20,6 +20,7 @@ import weakref
 
 import torch
 
+_TEXT_SPECIALS = ("<tool_call>", "</tool_call>")  # the special tokens a tool call's grammar writes
 WHITESPACE = 'root ::= ([ \\n] ([ \\n] ([ \\n] [ \\n]?)?)?)?'  # up to 4: "\n\n" after </think>, never endless
 
 
@@ -62,6 +63,9 @@ class _Compiler:
         import xgrammar as xgr
         self.xgr = xgr
         vocab = [tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)]
+        for text, token in tokenizer.special_tokens.items():  # control tokens are not text a grammar may spell
+            if text not in _TEXT_SPECIALS and token < len(vocab):
+                vocab[token] = b""
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=tokenizer.vocab_size,
                                  stop_token_ids=sorted(tokenizer.stop_token_ids))
         self.compiler = xgr.GrammarCompiler(info, max_threads=2)
