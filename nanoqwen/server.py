@@ -28,7 +28,7 @@ from collections import deque
 import jinja2
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
@@ -38,6 +38,7 @@ from .generation.engine import Engine
 from .generation.grammar import compile_constraint, constraint
 from .generation.request import THINKING, Chunk, initial_phase
 from .generation.sampling import SamplingParams
+from .metrics import ServerMetrics
 from .openai_types import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, Message, NamedToolChoice
 
 
@@ -174,6 +175,7 @@ class Server:
         engine = Engine(model, tokenizer, batch_size=max_batch, max_len=max_len, **engine_options)
         self.max_batch, self.max_len = max_batch, engine.capacity  # a small KV cache holds shorter rows
         self.loop = EngineLoop(engine)
+        self.metrics = ServerMetrics(self.loop)
 
     def requests(self, body, prompts: list, logprobs: int | None, **template) -> list:
         """n engine requests per prompt, checked: a ValueError of the engine or the template is a 400."""
@@ -282,6 +284,8 @@ async def _chunks(server: Server, http: HTTPRequest, requests: list):
     """Submit requests to the engine loop and yield their chunks as they come; cancels what is left on exit (the
     stream was closed or the client went away)."""
     queue: asyncio.Queue = asyncio.Queue()
+    metrics, arrived, waiting_first = server.metrics, time.perf_counter(), {r.index for r in requests}
+    metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
     server.loop.submit(requests, queue)
     left = len(requests)
     try:
@@ -295,6 +299,10 @@ async def _chunks(server: Server, http: HTTPRequest, requests: list):
             if isinstance(item, Exception):
                 raise APIError(500, f"generation failed: {item}", type="server_error")
             left -= item.finish_reason is not None
+            metrics.generation_tokens.inc(len(item.token_ids))
+            if item.index in waiting_first and item.token_ids:
+                waiting_first.discard(item.index)
+                metrics.time_to_first_token.observe(time.perf_counter() - arrived)
             yield item
     finally:
         if left:
@@ -358,8 +366,14 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanoqwen",
                                             "max_model_len": max_len}]}
 
+    @app.get("/metrics")
+    async def metrics():
+        text, content_type = server.metrics.exposition()
+        return Response(text, media_type=content_type)
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
+        server.metrics.requests.labels("chat").inc()
         requests = server.chat_requests(body)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         top = body.top_logprobs or 0
@@ -378,6 +392,7 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: 
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, http: HTTPRequest):
+        server.metrics.requests.labels("completions").inc()
         requests = server.completion_requests(body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
