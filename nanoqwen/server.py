@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import hmac
+import importlib.resources
 import itertools
 import json
 import os
@@ -28,7 +29,7 @@ from collections import deque
 import jinja2
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
@@ -40,6 +41,9 @@ from .generation.request import THINKING, Chunk, initial_phase
 from .generation.sampling import SamplingParams
 from .metrics import ServerMetrics
 from .openai_types import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, Message, NamedToolChoice
+
+
+CHAT_PAGE = importlib.resources.files(__package__).joinpath("chat.html")  # the web chat served at /
 
 
 class APIError(Exception):
@@ -366,7 +370,11 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanoqwen",
                                             "max_model_len": max_len}]}
 
-    @app.get("/metrics")
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return HTMLResponse(CHAT_PAGE.read_text("utf-8"))
+
+    @app.get("/metrics", include_in_schema=False)
     async def metrics():
         text, content_type = server.metrics.exposition()
         return Response(text, media_type=content_type)
@@ -476,9 +484,10 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     sock.listen(2048)  # from here a client waits in the queue while the server starts, never refused
     address = f"[{host}]" if ":" in host else host
     cache = app.state.server.loop.engine.cache
-    print(f"serving {name} on http://{address}:{sock.getsockname()[1]}/v1 (up to {max_batch} rows of "
-          f"{app.state.server.max_len} tokens, KV cache {cache.pool.num_blocks - 1} blocks of {cache.block_size} "
-          f"tokens)", flush=True)
+    base = f"http://{address}:{sock.getsockname()[1]}"
+    print(f"serving {name} on {base}/v1 (up to {max_batch} rows of {app.state.server.max_len} tokens, KV cache "
+          f"{cache.pool.num_blocks - 1} blocks of {cache.block_size} tokens); chat page {base}/, metrics {base}/metrics",
+          flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
