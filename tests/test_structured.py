@@ -18,7 +18,7 @@ from nanoqwen.generation import Engine, generate_batch, make_request
 from nanoqwen.generation.grammar import constraint
 from nanoqwen.generation.sampling import SamplingParams
 from nanoqwen.tokenizer import train_tokenizer
-from test_engine import random_model
+from test_engine import random_model, scripted_model
 from test_server import _name, running
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,21 +119,39 @@ def test_any_json_object_when_it_finishes(model, tok):
         assert isinstance(json.loads(result.content), dict)
 
 
-def test_constrained_and_free_rows_share_a_batch(model, tok):
-    """A free row decodes the same tokens beside a constrained one as alone: masks touch only their own row."""
-    greedy = SamplingParams(max_new_tokens=120, temperature=0.0)
-    prompts = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]
-    key = constraint(FORMAT)
+@pytest.mark.parametrize("options", [{}, {"pipeline": True}, {"speculative": "ngram"}])
+def test_constrained_and_free_rows_share_a_batch(model, tok, options):
+    """A free row decodes the same tokens beside a constrained one (which thinks first) as alone: masks touch only
+    their own row; pipelined steps wait for the token after </think>; speculative drafts meet the mask too."""
+    greedy = SamplingParams(max_new_tokens=240, temperature=0.0, thinking_budget=4)
+    thinking = _prompts(tok, "budget", 1)[0]
+    free = [{"role": "user", "content": "b"}]
 
     def run(pairs):
-        engine = Engine(model, tok, batch_size=2, max_len=512)
+        engine = Engine(model, tok, batch_size=2, max_len=512, **options)
         requests = [make_request(model, tok, p, greedy, enable_thinking=False, index=i, constraint=k)
                     for i, (p, k) in enumerate(pairs)]
         return {c.index: c.result for c in engine.run(requests) if c.result is not None}
-    together = run([(prompts[0], key), (prompts[1], None)])
-    alone = run([(prompts[1], None)])
+    together = run([(thinking, constraint(FORMAT)), (free, None)])
+    alone = run([(free, None)])
     assert together[1].token_ids == alone[0].token_ids
+    assert together[0].reasoning_content and together[0].finish_reason == "stop"
     jsonschema.validate(json.loads(together[0].content), SCHEMA)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_the_token_after_a_think_block_the_model_closes_is_masked(tok, pipeline):
+    """A model that closes its think block itself and then wants plain text: the token after </think> is already
+    constrained, also when steps are pipelined (the step after </think> waits for it to be read)."""
+    word, text = tok.encode(" hmm")[0], tok.encode("Hello")[0]
+    model = scripted_model({tok.think_start_id: word, word: tok.think_end_id, tok.think_end_id: text, text: text},
+                           vocab_size=tok.vocab_size)
+    engine = Engine(model, tok, batch_size=1, max_len=512, pipeline=pipeline)
+    request = make_request(model, tok, _prompts(tok, "budget", 1)[0], SamplingParams(max_new_tokens=120,
+                           temperature=0.0), constraint=constraint(FORMAT))
+    result = [c.result for c in engine.run([request]) if c.result is not None][0]
+    assert result.reasoning_content == tok.decode([word]) and result.finish_reason == "stop"
+    jsonschema.validate(json.loads(result.content), SCHEMA)
 
 
 @pytest.mark.parametrize("schema, words", [({"type": "strnig"}, "strnig"),
