@@ -182,48 +182,56 @@ def _client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
-def _streamed(events) -> tuple[dict, str]:
-    """The message a client assembles from the deltas of one choice, and its finish reason."""
-    message, calls, finish = {"reasoning_content": "", "content": ""}, {}, None
+def _streamed(events) -> list[tuple[dict, str]]:
+    """The message a client assembles from the deltas of each choice, and its finish reason."""
+    choices = {}
     for event in events:
-        delta = event.choices[0].delta
+        if not event.choices:
+            continue
+        choice = event.choices[0]
+        empty = ({"reasoning_content": "", "content": ""}, {}, [None])
+        message, calls, finish = choices.setdefault(choice.index, empty)
+        delta = choice.delta
         message["content"] += delta.content or ""
         message["reasoning_content"] += getattr(delta, "reasoning_content", None) or ""
         for call in delta.tool_calls or []:
             entry = calls.setdefault(call.index, {"name": "", "arguments": ""})
             entry["name"] += call.function.name or ""
             entry["arguments"] += call.function.arguments or ""
-        finish = event.choices[0].finish_reason or finish
-    message["tool_calls"] = [calls[k] for k in sorted(calls)]
-    return message, finish
+        finish[0] = choice.finish_reason or finish[0]
+    return [({**message, "tool_calls": [calls[k] for k in sorted(calls)]}, finish[0])
+            for message, calls, finish in (choices[i] for i in sorted(choices))]
 
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("thinking", [False, True])
 def test_server_response_format_json_schema(server, stream, thinking):
     extra = {"thinking_budget": 5} if thinking else {"chat_template_kwargs": {"enable_thinking": False}}
-    kwargs = dict(model=_name(server), messages=[{"role": "user", "content": "hi"}], response_format=FORMAT,
-                  temperature=1.0, max_tokens=160, extra_body=extra)
-    for seed in range(4):
-        if stream:
-            message, finish = _streamed(_client(server).chat.completions.create(stream=True, seed=seed, **kwargs))
-        else:
-            choice = _client(server).chat.completions.create(seed=seed, **kwargs).choices[0]
-            message, finish = {"content": choice.message.content,
-                               "reasoning_content": choice.message.reasoning_content}, choice.finish_reason
+    kwargs = dict(model=_name(server), messages=[{"role": "user", "content": "hi"}], response_format=FORMAT, n=4,
+                  seed=0, temperature=1.0, max_tokens=160, extra_body=extra)
+    if stream:
+        answers = _streamed(_client(server).chat.completions.create(stream=True, **kwargs))
+    else:
+        answers = [({"content": c.message.content, "reasoning_content": c.message.reasoning_content},
+                    c.finish_reason) for c in _client(server).chat.completions.create(**kwargs).choices]
+    assert len(answers) == 4
+    for message, finish in answers:
         assert finish == "stop"
         jsonschema.validate(json.loads(message["content"]), SCHEMA)
         assert bool(message["reasoning_content"]) == thinking
 
 
 def test_server_required_tool_call_streams_as_tool_call_deltas(server):
-    for seed in range(4):
-        events = list(_client(server).chat.completions.create(
-            model=_name(server), messages=[{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="required",
-            stream=True, seed=seed, temperature=1.0, max_tokens=200, extra_body={"thinking_budget": 4}))
-        entries = [c for e in events for c in (e.choices[0].delta.tool_calls or [])]
+    events = list(_client(server).chat.completions.create(
+        model=_name(server), messages=[{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="required",
+        stream=True, n=4, seed=0, temperature=1.0, max_tokens=200, extra_body={"thinking_budget": 4}))
+    for index in range(4):
+        entries = [c for e in events if e.choices and e.choices[0].index == index
+                   for c in (e.choices[0].delta.tool_calls or [])]
         assert entries[0].id and entries[0].function.name in PARAMETERS  # the name first, then the arguments
-        message, finish = _streamed(events)
+    answers = _streamed(events)
+    assert len(answers) == 4
+    for message, finish in answers:
         assert finish == "tool_calls" and message["content"] == "" and message["reasoning_content"]
         (call,) = message["tool_calls"]
         jsonschema.validate(json.loads(call["arguments"]), PARAMETERS[call["name"]])
