@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions), a web "
+                                     "chat at / and Prometheus metrics at /metrics")
     _one_line_errors(p)
     p.add_argument("--model", required=True, help="checkpoint folder (model and tokenizer files)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
