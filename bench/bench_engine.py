@@ -6,7 +6,8 @@
 
 Prefill tok/s = prompt tokens / time to the first token. Decode tok/s = tokens after the first / the rest of the time.
 Decode GB/s = (weight bytes + KV-cache bytes at the mean context) * decode steps/s: the bytes a decode step must read
-at the least, so GB/s over the peak (3,350 GB/s, H100 SXM HBM3) is the fraction of the memory-bandwidth bound reached.
+at the least, so GB/s over the device's peak (nanoqwen/hardware.py, printed) is the fraction of the memory-bandwidth
+bound reached.
 """
 import argparse
 import os
@@ -21,8 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from nanoqwen.checkpoint import load_model, save_model  # noqa: E402
 from nanoqwen.generation import Engine, Request, SamplingParams  # noqa: E402
 from nanoqwen.tokenizer import load_tokenizer  # noqa: E402
+from nanoqwen.hardware import device_peak  # noqa: E402
 
-PEAK_BANDWIDTH = {"cuda": 3350e9, "cpu": None}
 
 
 def sync(device):
@@ -96,9 +97,11 @@ def run_case(shape, batch, prompt_len, new_tokens, dtype, device, variants, repe
     config = ours_model.config
     torch.manual_seed(batch)
     prompts = torch.randint(0, min(config.vocab_size, 150000), (batch, prompt_len)).tolist()
-    peak = PEAK_BANDWIDTH[device]
+    peak = device_peak(device)
     print(f"\n## {shape}, batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, "
-          f"{str(dtype).replace('torch.', '')}, {device}")
+          f"{str(dtype).replace('torch.', '')}, {device}; bandwidth bound: "
+          + (f"{peak[0]}, {peak[2] / 1e9:,.0f} GB/s (nanoqwen/hardware.py)" if peak else "none for this device"))
+    peak = peak[2] if peak else None
     hf_generate(hf_model, prompts, 8, device)  # warm-up
     theirs, hf_prefill, hf_decode, _ = best_of(repeats, lambda: hf_generate(hf_model, prompts, new_tokens, device))
     hf_rate = batch * (new_tokens - 1) / hf_decode

@@ -2,7 +2,7 @@
 same weights, same prompts, greedy, same run. Both give exactly the tokens of plain greedy decoding (checked here);
 the drafts only change how many forwards it takes.
 
-    python bench/bench_speculative.py --model runs/out/speedrun/general   # the speedrun's teacher, its task prompts
+    python bench/bench_speculative.py --model runs/out/speedrun-cpu/general   # the speedrun's teacher, its task prompts
     python bench/bench_speculative.py                                      # a random nano-d2 (its greedy text loops)
 
 Prompts are held-out questions of the embedded task families, thinking on: the reasoning copies numbers and words
@@ -65,8 +65,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             torch.manual_seed(0)
-            save_model(load_model("nano-d2"), tmp)
-            model, tok, path = load(tmp, device="cpu")[0], load_tokenizer(), tmp
+            save_model(load_model("nano-d2", vocab_size=151936), tmp)  # the official tokenizer's vocabulary
+            model, tok, path = load_model(tmp, device="cpu"), load_tokenizer(), tmp
         else:
             model, tok = load(args.model, device="cpu")
             path = tmp

@@ -9,7 +9,9 @@ Every variant runs the same step: forward with the fused next-token loss, backwa
 "packed" lines add document_ids (4 documents per row): on CUDA through FlexAttention with a block mask (the default),
 and, for comparison, through SDPA with a dense boolean mask (NANOQWEN_FLEX_ATTENTION=0), which takes SDPA off its
 flash kernel.
-MFU = tokens/s * (6 * matmul params + 6 * layers * heads * head_dim * seq) / 989e12 (H100 SXM dense bf16).
+MFU = tokens/s * (6 * matmul params + 6 * layers * heads * head_dim * seq) / the device's dense bf16 peak from
+nanoqwen/hardware.py (printed); packed rows count attention per document (trainer.training_flops), a quarter of a
+full row's here.
 """
 import argparse
 import itertools
@@ -24,7 +26,7 @@ import nanoqwen  # noqa: E402
 from nanoqwen import model as modeling  # noqa: E402
 from nanoqwen.config import get_preset  # noqa: E402
 from nanoqwen.hardware import device_peak  # noqa: E402
-from nanoqwen.train.trainer import TrainConfig, Trainer, flops_per_token  # noqa: E402
+from nanoqwen.train.trainer import TrainConfig, Trainer, attended_pairs, training_flops  # noqa: E402
 from bench_model import random_checkpoint, timed  # noqa: E402  (shared with the model benchmark)
 
 
@@ -85,9 +87,10 @@ def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile, on
     variants.append(("transformers", lambda: transformers_rate(*args)))
     if only:
         variants = [v for v in variants if any(word in v[0] for word in only)]
-    peak = device_peak(device)
-    fpt, results = flops_per_token(config, seq), {}
-    peak = peak[1] if peak else None
+    peak, results = device_peak(device), {}
+    plain, packed = (next(batches(config, batch, seq, "cpu", p)) for p in (False, True))
+    fpt = {p: training_flops(config, batch * seq, attended_pairs(b)) / (batch * seq) for p, b in ((False, plain),
+                                                                                                  (True, packed))}
     for label, measure in variants:
         try:
             results[label] = measure()
@@ -98,12 +101,16 @@ def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile, on
             torch.cuda.empty_cache()
     tmp.cleanup()
     print(f"\n## {name}: batch {batch} x seq {seq}, {str(dtype).replace('torch.', '')}, {device}, "
-          f"{config.num_parameters() / 1e6:.1f}M params, {fpt / 1e9:.2f} GFLOP/token")
+          f"{config.num_parameters() / 1e6:.1f}M params, {fpt[False] / 1e9:.2f} GFLOP/token "
+          f"({fpt[True] / 1e9:.2f} for 4 packed documents per row, attention counted per document)")
+    print("MFU against " + (f"{peak[0]}: {peak[1] / 1e12:,.0f} TFLOP/s dense bf16 (nanoqwen/hardware.py)" if peak
+                            else "nothing: no peak for this device in nanoqwen/hardware.py"))
     print(f"{'implementation':38s} {'tokens/s':>12s} {'vs transformers':>16s} {'MFU':>7s} {'TFLOP/s':>8s}")
     for label, rate in results.items():
-        mfu = f"{rate * fpt / peak * 100:6.1f}%" if peak else "   n/a"
+        work = fpt["packed" in label]
+        mfu = f"{rate * work / peak[1] * 100:6.1f}%" if peak else "   n/a"
         ratio = f"{rate / results['transformers']:15.2f}x" if "transformers" in results else f"{'':16s}"
-        print(f"{label:38s} {rate:12,.0f} {ratio} {mfu} {rate * fpt / 1e12:8.2f}")
+        print(f"{label:38s} {rate:12,.0f} {ratio} {mfu} {rate * work / 1e12:8.2f}")
 
 
 def main():

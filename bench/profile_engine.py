@@ -26,8 +26,8 @@ import nanoqwen.model as model_module  # noqa: E402
 from nanoqwen.checkpoint import load_model  # noqa: E402
 from nanoqwen.generation import Engine, Request, SamplingParams  # noqa: E402
 from nanoqwen.tokenizer import load_tokenizer  # noqa: E402
+from nanoqwen.hardware import device_peak  # noqa: E402
 
-PEAK_BANDWIDTH = 3350e9  # H100 SXM HBM3, as bench_engine.py
 GREEDY = SamplingParams(max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
 ORIGINAL_ATTENTION = model_module.decode_attention
 
@@ -83,9 +83,11 @@ def measure(model, tokenizer, variant, batch, prompt_len, new_tokens, steps, dev
     wall = min(generate() for _ in range(2))
     per_step = wall / ((engine.launches - launches) / 2)
     context = prompt_len + new_tokens // 2
-    frac = step_bytes(model.config, batch, context, model.lm_head.weight.dtype) / per_step / PEAK_BANDWIDTH
+    peak = device_peak(device)
+    bound = (f"{100 * step_bytes(model.config, batch, context, model.lm_head.weight.dtype) / per_step / peak[2]:.1f}% "
+             f"of the bandwidth bound ({peak[0]}, {peak[2] / 1e9:,.0f} GB/s)" if peak else "no bandwidth bound known")
     print(f"\n## {variant}, batch {batch}: {per_step * 1e3:.3f} ms/step, {batch / per_step:,.0f} tok/s, "
-          f"{100 * frac:.1f}% of the bandwidth bound (warm-up {warm:.1f} s, CUDA graph "
+          f"{bound} (warm-up {warm:.1f} s, CUDA graph "
           f"{'captured' if engine.decoder.graph is not None else 'not used'})", flush=True)
     if device != "cuda" or not top:
         return

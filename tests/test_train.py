@@ -68,6 +68,29 @@ def test_resume_gives_bitwise_the_same_losses(shard_dir, tmp_path):
     assert os.path.exists(tmp_path / "a" / "loss.png") and len(open(tmp_path / "a" / "metrics.jsonl").readlines()) == 6
 
 
+def test_packed_documents_count_attention_flops_per_document(tmp_path):
+    """A step's FLOPs (and so its MFU) count attention per document: 6 per active weight per token plus, for
+    each document of n tokens in a packed row, 6 x layers x heads x head_dim x n^2, evaluated here document by
+    document from the definition; a row of four equal documents costs a quarter of a plain row's attention."""
+    model = load_model("nano-d2", vocab_size=512)
+    c = model.config
+    ids = torch.randint(0, 512, (2, 64))
+    docs = torch.tensor([[0] * 10 + [1] * 30 + [2] * 24, [0] * 16 + [1] * 16 + [2] * 16 + [3] * 16])
+    docs[0, -4:] = -1  # padding attends nowhere
+    trainer = Trainer(model, TrainConfig(out_dir=str(tmp_path), steps=2, batch_size=2, progress=False),
+                      iter([dict(input_ids=ids, labels=ids, document_ids=docs), dict(input_ids=ids, labels=ids)]),
+                      device="cpu")
+    packed, plain = trainer.train_step()["train_flops"], trainer.train_step()["train_flops"]
+    assert c.tie_word_embeddings  # the embedding's one copy counts as the lm_head's matmul (norms count too: ~0.2%)
+    matmul = sum(p.numel() for p in model.parameters())
+    width = 6 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
+    lengths = [10, 30, 20, 16, 16, 16, 16]
+    assert packed == 6 * matmul * ids.numel() + width * sum(n * n for n in lengths)
+    assert plain == 6 * matmul * ids.numel() + width * 2 * 64 * 64
+    quarter = width * 4 * 16 * 16
+    assert quarter == (width * 64 * 64) / 4
+
+
 @pytest.mark.parametrize("preset", ["nano-d2", "nano-moe-d2"])
 def test_gradient_accumulation_equals_one_combined_batch(tmp_path, preset):
     """Micro-batches with 3 and 54 target tokens: the accumulated gradient is the gradient of the mean loss over the

@@ -28,7 +28,9 @@ OUT/compute.json, under the same keys for every stage:
     (batched rows count their padding, as the Trainer's own `tokens` does)
 
 N is flops_per_token's count: the active matmul weights (non-embedding parameters, the lm_head included) plus causal
-attention, 6 L H d_head x sequence length per token for forward + backward; a forward is a third of that.
+attention, 6 L H d_head x sequence length per token for forward + backward; a forward is a third of that. Packed
+rows count attention per document (training_flops): a row of 4 documents costs a quarter of a one-document row's
+attention, and MFU is printed from that count.
 """
 from __future__ import annotations
 
@@ -102,12 +104,37 @@ def lm_loss(model, batch: dict, expert_counter=None):
 
 
 def flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per active matmul weight, plus causal attention (in the full-attention layers;
-    the hybrid's DeltaNet layers cost a constant per token, counted with their weights)."""
+    """Training FLOPs per token of causal rows seq_len long: 6 per active matmul weight, plus causal attention (in the
+    full-attention layers; the hybrid's DeltaNet layers cost a constant per token, counted with their weights)."""
     matmul = config.num_parameters(active_only=True) - (0 if config.tie_word_embeddings else
                                                         config.vocab_size * config.hidden_size)
+    return 6 * matmul + _attention_width(config) * seq_len
+
+
+def _attention_width(config) -> float:
+    """Training FLOPs of causal attention per query and key position: 6 x attention layers x heads x head_dim."""
     attention_layers = sum(not config.is_linear_layer(i) for i in range(config.num_hidden_layers))
-    return 6 * matmul + 6 * attention_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * attention_layers * config.num_attention_heads * config.head_dim
+
+
+def attended_pairs(batch: dict):
+    """Sum over the batch's rows of each document's length squared: what causal attention costs, in units of
+    flops_per_token's attention term. A row without document_ids is one document; padding (id < 0) costs nothing.
+    With document_ids, a 0-d tensor on their device (no device sync here)."""
+    ids = batch["input_ids"]
+    docs = batch.get("document_ids")
+    if docs is None:
+        return ids.shape[0] * ids.shape[-1] ** 2
+    rows = docs.reshape(-1, docs.shape[-1]).long()
+    tagged = torch.where(rows < 0, -1, rows + (rows.max() + 1) * torch.arange(len(rows), device=rows.device)[:, None])
+    values, counts = torch.unique_consecutive(tagged.flatten(), return_counts=True)
+    return (counts[values >= 0].long() ** 2).sum()
+
+
+def training_flops(config, tokens: int, pairs: int) -> float:
+    """Training FLOPs of a step over `tokens` tokens whose documents attend over `pairs` (attended_pairs): packed
+    documents are counted per document, never as full-row attention."""
+    return tokens * flops_per_token(config, 0) + _attention_width(config) * pairs
 
 
 def _all_reduce(value: torch.Tensor) -> torch.Tensor:
@@ -163,8 +190,8 @@ class Trainer:
         c = self.config
         self.model.train()
         batches = [_to_device(next(self.train_iter), self.device) for _ in range(c.grad_accum)]
-        t0, ids = time.perf_counter(), batches[0].get("input_ids")
-        self.seq_len = ids.shape[-1] if torch.is_tensor(ids) else 0
+        t0 = time.perf_counter()
+        pairs = sum(attended_pairs(b) for b in batches if torch.is_tensor(b.get("input_ids"))) * self.world_size
         loss_sum = torch.zeros((), device=self.device)
         tokens = sum(b["input_ids"].numel() for b in batches if torch.is_tensor(b.get("input_ids"))) * self.world_size
         # each micro-batch weighs by its target tokens (a batch without labels: by 1, a mean of means)
@@ -191,7 +218,7 @@ class Trainer:
         loss_value = (_all_reduce(loss_sum) / total_targets).item()
         self.step += 1
         return dict(step=self.step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), tokens=tokens,
-                    dt=time.perf_counter() - t0)
+                    train_flops=training_flops(self.raw_model.config, tokens, int(pairs)), dt=time.perf_counter() - t0)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -211,17 +238,15 @@ class Trainer:
     # --- the loop ---
     def train(self) -> list[dict]:
         c, main = self.config, self.rank == 0
-        fpt, peak = None, device_peak(self.device)
+        peak = device_peak(self.device)
         bar = _progress_bar(c.steps, self.step) if main and c.progress else None
         loggers = _experiment_loggers(c) if main else []
         started, start_step = time.perf_counter(), self.step
         while self.step < c.steps and not self.budget_spent():
             record = self.train_step()
-            if fpt is None:
-                fpt = flops_per_token(self.raw_model.config, self.seq_len)
             record["tok_per_s"] = record["tokens"] / record["dt"]
-            record.setdefault("flops", record["tokens"] * fpt)  # MeteredTrainer's already count generation too
-            record["mfu"] = record["tok_per_s"] * fpt / peak[1] / self.world_size if peak else None
+            record.setdefault("flops", record["train_flops"])  # MeteredTrainer's already count generation too
+            record["mfu"] = record["train_flops"] / record["dt"] / peak[1] / self.world_size if peak else None
             record["time"] = time.time()  # wall clock: when the step ended (a stage's time to first step)
             at_end = self.step == c.steps or self.budget_spent()
             if (c.eval_every and self.step % c.eval_every == 0) or at_end:
