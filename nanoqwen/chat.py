@@ -9,7 +9,6 @@ import datetime
 import functools
 import importlib.resources
 import json
-import re
 import unicodedata
 import uuid
 from typing import NamedTuple
@@ -301,43 +300,145 @@ def render_for_training(tokenizer, messages: list[dict], tools: list[dict] | Non
     return encode_parts(tokenizer, render_parts(messages, tools, False, enable_thinking))
 
 
-TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE = "<think>", "</think>", "<tool_call>", "</tool_call>"
+END_MARKERS = ("<|im_end|>", "<|endoftext|>")  # a stop token left at the end of the text is not content
+_HELD_TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, *END_MARKERS)  # a text ending with the start of one waits
 
 
-def _parse_tool_call(body: str) -> dict | None:
+def tool_call(value) -> dict | None:
+    """The {"name", "arguments"} of the JSON value in a `<tool_call>` block, or None when it is not a call. The
+    arguments are always JSON text (a string value stays a JSON string); "parameters" is read as "arguments", as
+    SGLang does."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value["arguments"] if "arguments" in value else value.get("parameters", {})
+    return {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _call_block(text: str, start: int, final: bool) -> tuple[int, dict | None] | None:
+    """(end, call) of the `<tool_call>` block opened at text[start]: a call ends after its JSON value's
+    `</tool_call>` (so the tag may appear inside its strings); a malformed block (call None) at the first
+    `</tool_call>`. None while the text so far cannot tell (and, when final, for an unclosed block)."""
+    body = start + len(CALL_OPEN)
+    value_start = body + len(text[body:]) - len(text[body:].lstrip())
     try:
-        call = json.loads(body)
+        value, value_end = _DECODER.raw_decode(text, value_start)
     except (ValueError, RecursionError):
-        return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
-    arguments = call.get("arguments", {})
-    if not isinstance(arguments, str):
-        arguments = json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": arguments}}
+        value_end = None
+    if value_end is not None:
+        after = text[value_end:].lstrip()
+        if after.startswith(CALL_CLOSE) and tool_call(value):
+            return len(text) - len(after) + len(CALL_CLOSE), tool_call(value)
+        if not final and CALL_CLOSE.startswith(after):
+            return None  # the closing tag may still come
+    elif not final:
+        return None  # an incomplete value, or an invalid one: told apart at the end
+    close = text.find(CALL_CLOSE, body)
+    return None if close < 0 else (close + len(CALL_CLOSE), None)
 
 
-def _split_reasoning(text: str) -> tuple[str | None, str]:
-    if "</think>" in text:  # the <think> opener may be missing: some templates write it into the prompt
-        thought, _, answer = text.partition("</think>")
-        return thought.split("<think>", 1)[-1].strip("\n"), answer
-    if "<think>" in text:  # generation stopped inside the think block: all of it is reasoning
-        return text.split("<think>", 1)[1].strip("\n"), ""
-    return None, text
+def _held_back(text: str) -> str:
+    """Text without its end when that may be the start of a tag (it waits for the next text) or a stop token."""
+    for marker in END_MARKERS:
+        text = text.removesuffix(marker)
+    held = max((k for tag in _HELD_TAGS for k in range(min(len(tag) - 1, len(text)), 0, -1)
+                if text.endswith(tag[:k])), default=0)
+    return text[:len(text) - held]
 
 
-def parse_output(text: str) -> dict:
-    """Split generated text into OpenAI message fields; malformed tool calls stay in the content."""
-    for stop in ("<|im_end|>", "<|endoftext|>"):
-        text = text.removesuffix(stop)
-    reasoning, answer = _split_reasoning(text)
-    tool_calls, kept, position = [], [], 0
-    for match in TOOL_CALL_RE.finditer(answer):
-        call = _parse_tool_call(match.group(1))
-        kept.append(answer[position:match.start()] if call else answer[position:match.end()])
-        position = match.end()
-        if call:
-            tool_calls.append(call)
-    kept.append(answer[position:])
-    return {"reasoning_content": reasoning, "content": "".join(kept).strip(), "tool_calls": tool_calls}
+class OutputParser:
+    """Parses a model's output as it grows into OpenAI message fields, and the stream deltas between them.
+
+    Reasoning is the text of a think block that opens the output (or that the prompt opened: `thinking=True`) up
+    to the first `</think>`, stray `<think>` tags dropped; the answer is the rest. A `<tool_call>` block holding a
+    call's JSON followed by `</tool_call>` becomes a tool call; a malformed or unclosed one stays content. Text that may
+    still change meaning (a partial tag, an open block, trailing whitespace the message strips) is held back, so
+    the deltas add up to exactly the finished message: a tool call is sent when its block closes, first its name
+    then its arguments, as OpenAI deltas."""
+
+    def __init__(self, thinking: bool | None = False):
+        self.text, self.thinking = "", thinking  # None: guess at the end (a </think> with no <think> before it)
+        self.sent = {"reasoning_content": "", "content": ""}
+        self.calls: list[dict] = []  # OpenAI tool calls of the closed blocks, in order
+        self.resolved = 0  # how far self.text's call blocks are resolved
+        self.resolved_content = ""  # the answer's content up to self.resolved
+        self.sent_calls = 0
+
+    def feed(self, text: str) -> list[dict]:
+        """Add generated text; returns the deltas it releases (possibly none)."""
+        self.text += text
+        return self._deltas(*self._visible(final=False))
+
+    def finish(self) -> tuple[list[dict], dict]:
+        """The last deltas and the finished message: {"reasoning_content", "content", "tool_calls"}."""
+        reasoning, content = self._visible(final=True)
+        deltas = self._deltas(reasoning, content)
+        return deltas, {"reasoning_content": reasoning, "content": content, "tool_calls": list(self.calls)}
+
+    def _split(self, final: bool) -> tuple[str | None, str | None]:
+        """(reasoning text so far or None, answer text or None while still in the think block)."""
+        text = self.text
+        for marker in END_MARKERS if final else ():
+            text = text.removesuffix(marker)
+        thinking = self.thinking
+        if thinking is None:
+            thinking = final and THINK_CLOSE in text and THINK_OPEN not in text.partition(THINK_CLOSE)[0]
+        if not thinking and not text.startswith(THINK_OPEN):
+            if not final and THINK_OPEN.startswith(text):
+                return "", None  # may still open a think block
+            return None, text
+        thought, closed, answer = text.partition(THINK_CLOSE)
+        if not closed and not final:
+            return _held_back(thought), None
+        return thought, answer if closed else ""
+
+    def _visible(self, final: bool) -> tuple[str | None, str]:
+        """Reasoning and content as far as they are certain (all of them when final); outer newlines (reasoning)
+        and whitespace (content) stripped, as the finished message has them."""
+        thought, answer = self._split(final)
+        reasoning = None if thought is None else thought.replace(THINK_OPEN, "").strip("\n")
+        return reasoning, self._content(answer or "", final).strip()
+
+    def _content(self, answer: str, final: bool) -> str:
+        """The answer's content so far: closed call blocks resolved (calls out, malformed ones kept), an open block
+        and a partial tag held back until final."""
+        while True:
+            start = answer.find(CALL_OPEN, self.resolved)
+            block = None if start < 0 else _call_block(answer, start, final)
+            if block is None:
+                break
+            end, call = block
+            self.resolved_content += answer[self.resolved:start] if call else answer[self.resolved:end]
+            self.resolved = end
+            if call:
+                self.calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call})
+        rest = answer[self.resolved:]
+        if not final:
+            rest = _held_back(rest.split(CALL_OPEN, 1)[0])
+        return self.resolved_content + rest
+
+    def _deltas(self, reasoning: str | None, content: str) -> list[dict]:
+        delta = {}
+        for key, text in (("reasoning_content", reasoning or ""), ("content", content)):
+            if len(text) > len(self.sent[key]):
+                delta[key] = text[len(self.sent[key]):]
+                self.sent[key] = text
+        deltas = [delta] if delta else []
+        for index in range(self.sent_calls, len(self.calls)):
+            call = self.calls[index]
+            deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                           "function": {"name": call["function"]["name"], "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]})
+        self.sent_calls = len(self.calls)
+        return deltas
+
+
+def parse_output(text: str, thinking: bool | None = None) -> dict:
+    """Split generated text into OpenAI message fields; malformed tool calls stay in the content. thinking: whether
+    the prompt opened the think block (None: guessed, a `</think>` with no `<think>` before it)."""
+    parser = OutputParser(thinking)
+    parser.text = text
+    return parser.finish()[1]

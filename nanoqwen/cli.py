@@ -163,9 +163,10 @@ def cmd_generate(args):
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": prompt}]
+    response_format = _json_schema_format(args.json_schema) if args.json_schema else None
     stream = generate(model, tokenizer, prompt if args.raw else messages, stream=True,
                       enable_thinking=False if args.no_think else None, thinking_budget=args.thinking_budget,
-                      **_sampling_kwargs(args))
+                      response_format=response_format, **_sampling_kwargs(args))
     if args.json:
         result = [c.result for c in stream if c.result][0]
         usage = dict(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
@@ -176,6 +177,19 @@ def cmd_generate(args):
         return
     _print_stream(stream, color=sys.stdout.isatty())
     print()
+
+
+def _json_schema_format(path: str) -> dict:
+    """The OpenAI response_format of a JSON schema file."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        schema = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"--json-schema {path} is not JSON: {error}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"--json-schema {path} must hold a JSON schema object")
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
 
 
 def _chat_command(line: str, state: dict) -> bool:
@@ -424,13 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="the user message ('-' or absent: read stdin)")
     p.add_argument("--raw", action="store_true", help="plain completion of the prompt text, no chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, reasoning, content, usage)")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="the answer is JSON that follows this schema (enforced after the think block)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with a checkpoint folder")
     _add_generation_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions), a web "
+                                     "chat at / and Prometheus metrics at /metrics")
     _one_line_errors(p)
     p.add_argument("--model", required=True, help="checkpoint folder (model and tokenizer files)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")

@@ -63,6 +63,18 @@ class NamedToolChoice(_Body):
     function: NamedFunction
 
 
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
@@ -91,6 +103,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: enforced by a "
+                                                                      "grammar after the think block")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description='e.g. {"enable_thinking": false}')
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

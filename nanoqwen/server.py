@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import hmac
+import importlib.resources
 import itertools
 import json
 import os
@@ -28,15 +29,21 @@ from collections import deque
 import jinja2
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from .chat import OutputParser
 from .generation.api import make_request
 from .generation.engine import Engine
-from .generation.request import Chunk
+from .generation.grammar import compile_constraint, constraint
+from .generation.request import THINKING, Chunk, initial_phase
 from .generation.sampling import SamplingParams
-from .openai_types import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, Message
+from .metrics import ServerMetrics
+from .openai_types import MAX_STOP_STRINGS, ChatCompletionRequest, CompletionRequest, Message, NamedToolChoice
+
+
+CHAT_PAGE = importlib.resources.files(__package__).joinpath("chat.html")  # the web chat served at /
 
 
 class APIError(Exception):
@@ -172,6 +179,7 @@ class Server:
         engine = Engine(model, tokenizer, batch_size=max_batch, max_len=max_len, **engine_options)
         self.max_batch, self.max_len = max_batch, engine.capacity  # a small KV cache holds shorter rows
         self.loop = EngineLoop(engine)
+        self.metrics = ServerMetrics(self.loop)
 
     def requests(self, body, prompts: list, logprobs: int | None, **template) -> list:
         """n engine requests per prompt, checked: a ValueError of the engine or the template is a 400."""
@@ -220,7 +228,18 @@ class Server:
         elif body.tool_choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs tools", "tool_choice")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        return self.requests(body, [messages], top, enable_thinking=enable_thinking, tools=tools or None)
+        response_format = body.response_format.model_dump(by_alias=True) if body.response_format else None
+        tool_choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedToolChoice) else \
+            body.tool_choice
+        try:
+            key = constraint(response_format, tool_choice, tools)
+            if key is not None:
+                compile_constraint(self.tokenizer, key)  # cached: make_request finds it compiled
+        except ValueError as error:
+            constrained_json = response_format and response_format["type"] != "text"
+            raise APIError(400, str(error), "response_format" if constrained_json else "tool_choice") from None
+        return self.requests(body, [messages], top, enable_thinking=enable_thinking, tools=tools or None,
+                             constraint=key)
 
     def completion_requests(self, body: CompletionRequest) -> list:
         prompt = body.prompt
@@ -261,34 +280,6 @@ def _finish_reason(result) -> str:
     return "tool_calls" if result.tool_calls else result.finish_reason
 
 
-def _tool_call_deltas(tool_calls: list) -> list[dict]:
-    return [{"index": k, **call} for k, call in enumerate(tool_calls)]
-
-
-class ChoiceText:
-    """The deltas of one streamed chat choice: reasoning and content as the final message has them (think tags and
-    outer newlines dropped), content held back from a `<tool_call>` on, which the last chunk sends parsed."""
-
-    def __init__(self):
-        self.raw = {"reasoning": "", "content": ""}
-        self.sent = {"reasoning_content": "", "content": ""}
-
-    def delta(self, chunk: Chunk) -> dict:
-        self.raw[chunk.kind] += chunk.text
-        visible = {"reasoning_content": self.raw["reasoning"].replace("<think>", "").replace("</think>", "").strip("\n"),
-                   "content": self.raw["content"].split("<tool_call>")[0].strip()}
-        if chunk.result is not None:
-            visible = {"reasoning_content": chunk.result.reasoning_content or "", "content": chunk.result.content}
-        delta = {}
-        for key, text in visible.items():
-            if text.startswith(self.sent[key]) and len(text) > len(self.sent[key]):
-                delta[key] = text[len(self.sent[key]):]
-                self.sent[key] = text
-        if chunk.result is not None and chunk.result.tool_calls:
-            delta["tool_calls"] = _tool_call_deltas(chunk.result.tool_calls)
-        return delta
-
-
 def _sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -297,6 +288,8 @@ async def _chunks(server: Server, http: HTTPRequest, requests: list):
     """Submit requests to the engine loop and yield their chunks as they come; cancels what is left on exit (the
     stream was closed or the client went away)."""
     queue: asyncio.Queue = asyncio.Queue()
+    metrics, arrived, waiting_first = server.metrics, time.perf_counter(), {r.index for r in requests}
+    metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
     server.loop.submit(requests, queue)
     left = len(requests)
     try:
@@ -310,6 +303,10 @@ async def _chunks(server: Server, http: HTTPRequest, requests: list):
             if isinstance(item, Exception):
                 raise APIError(500, f"generation failed: {item}", type="server_error")
             left -= item.finish_reason is not None
+            metrics.generation_tokens.inc(len(item.token_ids))
+            if item.index in waiting_first and item.token_ids:
+                waiting_first.discard(item.index)
+                metrics.time_to_first_token.observe(time.perf_counter() - arrived)
             yield item
     finally:
         if left:
@@ -373,8 +370,18 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanoqwen",
                                             "max_model_len": max_len}]}
 
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return HTMLResponse(CHAT_PAGE.read_text("utf-8"))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        text, content_type = server.metrics.exposition()
+        return Response(text, media_type=content_type)
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
+        server.metrics.requests.labels("chat").inc()
         requests = server.chat_requests(body)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         top = body.top_logprobs or 0
@@ -393,6 +400,7 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: 
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, http: HTTPRequest):
+        server.metrics.requests.labels("completions").inc()
         requests = server.completion_requests(body)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
@@ -411,8 +419,10 @@ def create_app(model, tokenizer, model_name: str, max_batch: int = 16, max_len: 
 
 
 async def _chat_stream(server: Server, http, requests: list, head: dict, body, top: int):
+    """Chat chunks as OpenAI deltas: each choice's text goes through an OutputParser, so the deltas add up to the
+    message a non-streamed request gets (reasoning, content, then each tool call: its name, then its arguments)."""
     choice = {r.index: i for i, r in enumerate(requests)}
-    texts = {r.index: ChoiceText() for r in requests}
+    parsers = {r.index: OutputParser(initial_phase(r.prompt_ids, server.tokenizer) == THINKING) for r in requests}
     event = {**head, "object": "chat.completion.chunk"}
     for i in range(len(requests)):
         yield _sse({**event, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -420,13 +430,19 @@ async def _chat_stream(server: Server, http, requests: list, head: dict, body, t
     results = []
     try:
         async for chunk in _chunks(server, http, requests):
-            delta = texts[chunk.index].delta(chunk)
-            logprobs = {"content": _token_logprobs(server.tokenizer, [chunk], top)} if body.logprobs else None
+            deltas, finish_reason = parsers[chunk.index].feed(chunk.text), None
             if chunk.result is not None:
+                last, message = parsers[chunk.index].finish()
+                deltas += last
                 results.append(chunk.result)
-            if delta or chunk.result is not None or (logprobs and logprobs["content"]):
-                yield _sse({**event, "choices": [{"index": choice[chunk.index], "delta": delta, "logprobs": logprobs,
-                                                  "finish_reason": chunk.result and _finish_reason(chunk.result)}]})
+                finish_reason = "tool_calls" if message["tool_calls"] else chunk.result.finish_reason
+            logprobs = {"content": _token_logprobs(server.tokenizer, [chunk], top)} if body.logprobs else None
+            if not deltas and (finish_reason or (logprobs and logprobs["content"])):
+                deltas = [{}]
+            for k, delta in enumerate(deltas):
+                yield _sse({**event, "choices": [{"index": choice[chunk.index], "delta": delta,
+                                                  "logprobs": logprobs if k == 0 else None,
+                                                  "finish_reason": finish_reason if k == len(deltas) - 1 else None}]})
         if body.stream_options and body.stream_options.include_usage:
             yield _sse({**event, "choices": [], "usage": _usage(requests, results, body.n)})
     except APIError as error:
@@ -468,9 +484,10 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     sock.listen(2048)  # from here a client waits in the queue while the server starts, never refused
     address = f"[{host}]" if ":" in host else host
     cache = app.state.server.loop.engine.cache
-    print(f"serving {name} on http://{address}:{sock.getsockname()[1]}/v1 (up to {max_batch} rows of "
-          f"{app.state.server.max_len} tokens, KV cache {cache.pool.num_blocks - 1} blocks of {cache.block_size} "
-          f"tokens)", flush=True)
+    base = f"http://{address}:{sock.getsockname()[1]}"
+    print(f"serving {name} on {base}/v1 (up to {max_batch} rows of {app.state.server.max_len} tokens, KV cache "
+          f"{cache.pool.num_blocks - 1} blocks of {cache.block_size} tokens); chat page {base}/, metrics {base}/metrics",
+          flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

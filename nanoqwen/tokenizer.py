@@ -220,8 +220,8 @@ class Tokenizer:
                             enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
         return chat.render_for_training(self, messages, tools, enable_thinking)
 
-    def parse_output(self, text: str | list[int]) -> dict:
-        return chat.parse_output(text if isinstance(text, str) else self.decode(text))
+    def parse_output(self, text: str | list[int], thinking: bool | None = None) -> dict:
+        return chat.parse_output(text if isinstance(text, str) else self.decode(text), thinking)
 
     # --- saving ---
     def _added_token_entries(self) -> list[dict]:

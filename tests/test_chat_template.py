@@ -1,7 +1,9 @@
 """The Python Qwen3 chat template against the official Jinja template, loss masks and output parsing."""
 import hashlib
+import itertools
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -392,7 +394,7 @@ def test_parse_tool_calls():
     first, second = parsed["tool_calls"]
     assert first["id"].startswith("call_") and first["type"] == "function"
     assert first["function"] == {"name": "get_weather", "arguments": '{"city": "東京"}'}
-    assert second["function"] == {"name": "search", "arguments": '{"q": 1}'}
+    assert second["function"] == {"name": "search", "arguments": '"{\\"q\\": 1}"'}  # a string value: a JSON string
 
 
 @pytest.mark.parametrize("body", ['{"name": "f", "arguments": {', "not json", '["list"]', '{"arguments": {}}',
@@ -415,3 +417,95 @@ def test_parse_round_trip(tok):
     parsed = tok.parse_output(tok.encode(output + "<|im_end|>", allow_special=True))
     rendered = tok.apply_chat_template(messages + [{"role": "assistant", **parsed}], tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\n" + output + "<|im_end|>\n")
+
+
+@pytest.mark.parametrize("arguments", ['"hello"', '"{\\"q\\": 1}"', "[1, 2]", "3", '{"a": {"b": null}}'])
+def test_tool_call_arguments_are_always_json_text_and_render_back(tok, arguments):
+    output = f'<tool_call>\n{{"name": "f", "arguments": {arguments}}}\n</tool_call>'
+    parsed = chat.parse_output(output)
+    assert parsed["tool_calls"][0]["function"]["arguments"] == arguments
+    assert json.loads(parsed["tool_calls"][0]["function"]["arguments"]) == json.loads(arguments)
+    rendered = chat.render([user("q"), {"role": "assistant", **parsed}])
+    assert output + "<|im_end|>" in rendered  # re-rendering writes what the model wrote
+
+
+def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call():
+    parsed = chat.parse_output('<tool_call>\n{"name": "f", "arguments": {"s": "</tool_call>"}}\n</tool_call>')
+    assert parsed["tool_calls"][0]["function"]["arguments"] == '{"s": "</tool_call>"}' and parsed["content"] == ""
+
+
+def test_parameters_are_read_as_arguments():
+    parsed = chat.parse_output('<tool_call>\n{"name": "f", "parameters": {"x": 1}}\n</tool_call>')
+    assert parsed["tool_calls"][0]["function"]["arguments"] == '{"x": 1}' and parsed["content"] == ""
+
+
+def test_a_stray_think_tag_is_dropped_from_reasoning_when_the_prompt_opened_the_block():
+    text = "<think>\nplan\n</think>\n\nanswer"
+    parsed = chat.parse_output(text, thinking=True)
+    assert parsed["reasoning_content"] == "plan" and parsed["content"] == "answer"
+    parser = chat.OutputParser(thinking=True)
+    streamed = "".join(d.get("reasoning_content", "") for piece in text for d in parser.feed(piece))
+    assert streamed == "plan"
+
+
+def test_thinking_modes_of_the_parser():
+    assert chat.parse_output("a <think>b</think> c", thinking=False)["content"] == "a <think>b</think> c"
+    assert chat.parse_output("still", thinking=True) == {"reasoning_content": "still", "content": "",
+                                                         "tool_calls": []}
+    assert chat.parse_output("<think>", thinking=False)["reasoning_content"] == ""
+
+
+_PIECES = ["<think>", "</think>", "<tool_call>", "</tool_call>", "\n", "\n\n", " ", "Hi", "<", "<thi", "</tool",
+           '{"name": "f", "arguments": ', '{"name": "g", "parameters": ', '{"x": [1, "两"]}', '"hello"', "}",
+           '{"name": 3}', "not json", "<|im_end|>", "<|im_", "tail", '"a</tool_call>b"', "12", '"', "{"]
+
+
+def _assembled(deltas: list[dict]) -> dict:
+    """The message a client builds from OpenAI stream deltas."""
+    message, calls = {"reasoning_content": "", "content": ""}, {}
+    for delta in deltas:
+        for key in message:
+            message[key] += delta.get(key, "")
+        for call in delta.get("tool_calls", []):
+            entry = calls.setdefault(call["index"], {"id": None, "name": "", "arguments": ""})
+            entry["id"] = call.get("id", entry["id"])
+            entry["name"] += call.get("function", {}).get("name", "")
+            entry["arguments"] += call["function"].get("arguments", "")
+    message["tool_calls"] = [calls[k] for k in sorted(calls)]
+    return message
+
+
+def _comparable(message: dict) -> dict:
+    calls = [{"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+             for c in message["tool_calls"]]
+    return {"reasoning_content": message["reasoning_content"] or "", "content": message["content"],
+            "tool_calls": calls}
+
+
+def _stream(text: str, cuts: list[int], thinking: bool) -> tuple[list[dict], dict]:
+    parser, deltas, start = chat.OutputParser(thinking), [], 0
+    for cut in cuts + [len(text)]:
+        deltas += parser.feed(text[start:cut])
+        start = cut
+    last, message = parser.finish()
+    return deltas + last, message
+
+
+def test_streamed_and_whole_parsing_give_the_same_message_over_many_outputs(tok):
+    rng = random.Random(0)
+    for case in range(3000):
+        text = "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 14)))
+        thinking = rng.random() < 0.3
+        if case % 2:  # token boundaries, as the engine streams them
+            ends = itertools.accumulate(len(tok.decode([t])) for t in tok.encode(text, allow_special=True))
+            cuts = list(ends)[:-1]
+        else:
+            cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 8))))
+        deltas, message = _stream(text, cuts, thinking)
+        whole = chat.parse_output(text, thinking)
+        without_ids = [{**c, "id": None} for c in _comparable(message)["tool_calls"]]
+        assert {**_comparable(message), "tool_calls": without_ids} == \
+            {**_comparable(whole), "tool_calls": [{**c, "id": None} for c in _comparable(whole)["tool_calls"]]}, text
+        assert _assembled(deltas) == _comparable(message), (text, cuts)
+        for call in message["tool_calls"]:
+            json.loads(call["function"]["arguments"])

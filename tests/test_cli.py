@@ -174,6 +174,27 @@ def test_generate_raw_from_a_folder_with_its_own_tokenizer(tmp_path):
     assert result["finish_reason"] == "length" and result["usage"]["completion_tokens"] == 5
 
 
+def test_generate_json_schema(tmp_path):
+    """--json-schema FILE: a random model's answer is JSON of that schema (checked by jsonschema); a schema file
+    that is not JSON, or that cannot compile, is one line."""
+    import jsonschema
+    tokenizer = train_tokenizer(["the quick brown fox jumps over the lazy dog\n\n" * 3, "hello world\n"] * 20, 300,
+                                str(tmp_path))
+    save_model(random_model(vocab_size=tokenizer.vocab_size, max_position_embeddings=1024), str(tmp_path))
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "w": {"enum": ["yes", "no"]}}, "required": ["n", "w"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    out = nanoqwen("generate", "--model", str(tmp_path), "--prompt", "hi", "--no-think", "--temperature", "1",
+                   "--seed", "0", "--max-new-tokens", "60", "--json-schema", str(tmp_path / "schema.json"), "--json")
+    assert out.returncode == 0, out.stderr
+    jsonschema.validate(json.loads(json.loads(out.stdout)["content"]), schema)
+    (tmp_path / "bad.json").write_text("{nope")
+    (tmp_path / "typo.json").write_text('{"type": "strnig"}')
+    for name, words in (("bad.json", "is not JSON"), ("typo.json", "strnig"), ("absent.json", "absent.json")):
+        out = nanoqwen("generate", "--model", str(tmp_path), "--prompt", "hi", "--json-schema", str(tmp_path / name))
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and words in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("case", ["missing", "broken", "too_long", "bad_top_p", "bad_number", "bad_tokens",
                                   "bad_draft", "empty_stdin", "blank_prompt", "bad_block", "tiny_cache"])
 def test_generate_errors_are_one_line(thinker_dir, tmp_path, case):

@@ -170,7 +170,9 @@ def test_tool_call_round_trip(tool_model, tok):
     streamed = list(client(url).chat.completions.create(model=_name(url), messages=messages, tools=[WEATHER_TOOL],
                                                         stream=True))
     calls = [c for e in streamed for c in (e.choices[0].delta.tool_calls or [])]
-    assert [c.function.name for c in calls] == ["get_weather"] and calls[0].id
+    assert calls[0].function.name == "get_weather" and calls[0].id and calls[0].function.arguments == ""
+    assert all(c.index == 0 and not c.function.name for c in calls[1:])  # then the arguments, in fragments
+    assert "".join(c.function.arguments for c in calls) == call.function.arguments
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
     assert not "".join(e.choices[0].delta.content or "" for e in streamed)  # the call's text is not content
 
@@ -511,3 +513,41 @@ def _reasoning(delta) -> str:
 
 def _name(url: str) -> str:
     return httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+def _scrape(url: str) -> dict:
+    """{name or name{labels}: value} of a /metrics page, read by prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    reply = httpx.get(url + "/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+            if "le" not in sample.labels:
+                out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+    return out
+
+
+def test_metrics_count_requests_tokens_first_tokens_and_the_caches(small):
+    url, _ = small
+    before = _scrape(url)
+    messages = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 6}]
+    usage = [client(url).chat.completions.create(model=_name(url), messages=messages, max_tokens=5).usage
+             for _ in range(2)]
+    after = _scrape(url)
+    grew = lambda name: after.get(name, 0) - before.get(name, 0)  # noqa: E731
+    assert grew("nanoqwen_requests_total{endpoint=chat}") == 2
+    assert grew("nanoqwen_prompt_tokens_total") == sum(u.prompt_tokens for u in usage)
+    assert grew("nanoqwen_generation_tokens_total") == sum(u.completion_tokens for u in usage)
+    assert grew("nanoqwen_time_to_first_token_seconds_count") == 2
+    assert after["nanoqwen_queue_depth"] == 0 and after["nanoqwen_running_rows"] == 0
+    assert after["nanoqwen_kv_blocks_total"] > 0 and 0 <= after["nanoqwen_kv_blocks_used"] <= after[
+        "nanoqwen_kv_blocks_total"]
+    full_blocks = (usage[1].prompt_tokens - 1) // 16
+    assert grew("nanoqwen_prefix_cache_hit_blocks") >= full_blocks > 0  # the second prompt found the first's blocks
+    assert after["nanoqwen_prefix_cache_hit_rate"] == pytest.approx(
+        after["nanoqwen_prefix_cache_hit_blocks"] / after["nanoqwen_prefix_cache_queried_blocks"])

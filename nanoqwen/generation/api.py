@@ -9,6 +9,7 @@ import dataclasses
 import time
 
 from .engine import Engine
+from .grammar import compile_constraint, constraint
 from .request import ANSWER, Request, initial_phase
 from .sampling import SamplingParams
 
@@ -32,8 +33,10 @@ def encode_prompt(tokenizer, prompt, enable_thinking: bool | None = None, tools:
 
 
 def make_request(model, tokenizer, prompt, params: SamplingParams, enable_thinking=None, tools=None, index=0,
-                 context: int | None = None) -> Request:
-    """Encode a prompt, fill in the mode's sampling defaults and fit max_new_tokens into the context."""
+                 context: int | None = None, constraint: str | None = None) -> Request:
+    """Encode a prompt, fill in the mode's sampling defaults and fit max_new_tokens into the context. constraint:
+    a grammar key of grammar.constraint (JSON output, a required tool call), compiled here (ValueError if it
+    cannot be)."""
     ids = encode_prompt(tokenizer, prompt, enable_thinking, tools)
     context = min(context or model.config.max_position_embeddings, model.config.max_position_embeddings)
     if len(ids) >= context:
@@ -43,7 +46,7 @@ def make_request(model, tokenizer, prompt, params: SamplingParams, enable_thinki
         raise ValueError(f"prompt token id {outside[0]} is outside the model's vocabulary ({model.config.vocab_size})")
     resolved = params.resolved(thinking=initial_phase(ids, tokenizer) != ANSWER)
     resolved.max_new_tokens = min(resolved.max_new_tokens, context - len(ids))
-    return Request(ids, resolved, index)
+    return Request(ids, resolved, index, grammar=compile_constraint(tokenizer, constraint) if constraint else None)
 
 
 _LAST_ENGINE: list[Engine] = []  # reused across calls: its prefix cache (and on CUDA its captured step) stay
@@ -78,7 +81,8 @@ def generate_batch(model, tokenizer, prompts: list, params: SamplingParams | Non
                    engine: Engine | None = None, batch_size: int | None = None, logprobs: int | None = None,
                    progress: str | None = None, speculative: str | None = None, num_speculative_tokens: int = 3,
                    block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
-                   enable_prefix_caching: bool = True, **sampling):
+                   enable_prefix_caching: bool = True, response_format: dict | None = None, tool_choice=None,
+                   **sampling):
     """Generate for many prompts at once: a list of GenerationResult, or with stream=True an iterator of Chunks
     (chunk.index says which prompt). params (or its fields as keyword arguments: max_new_tokens=512,
     temperature, top_p, top_k, min_p, presence_penalty, repetition_penalty, stop, seed, thinking_budget): the
@@ -89,14 +93,18 @@ def generate_batch(model, tokenizer, prompts: list, params: SamplingParams | Non
     with tok/s and ETA, drawn when stderr is a terminal. speculative="ngram" drafts num_speculative_tokens tokens
     per step by prompt lookup, checked in one forward: the same tokens, sooner. block_size, num_blocks,
     kv_cache_memory_bytes, enable_prefix_caching: the paged KV cache (see Engine); without an engine, the last
-    one is reused when it fits, so its prefix cache serves the next call (the next turn of a chat)."""
+    one is reused when it fits, so its prefix cache serves the next call (the next turn of a chat).
+    response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}) and
+    tool_choice ("required" or {"type": "function", "function": {"name": ...}}) constrain every answer, as in the
+    OpenAI API, by a grammar that starts after the think block (see grammar.py)."""
     params = sampling_params(params, sampling)
+    key = constraint(response_format, tool_choice, tools)
     seeds = params.seed if isinstance(params.seed, (list, tuple)) else \
         [None if params.seed is None else params.seed + i for i in range(len(prompts))]
     requests = []
     for i, prompt in enumerate(prompts):
         requests.append(make_request(model, tokenizer, prompt, dataclasses.replace(params, seed=seeds[i]),
-                                     enable_thinking, tools, i, engine.capacity if engine else None))
+                                     enable_thinking, tools, i, engine.capacity if engine else None, key))
         requests[-1].logprobs = logprobs
     if engine is None:
         max_len = max(len(r.prompt_ids) for r in requests) + max(r.params.max_new_tokens for r in requests)
@@ -133,10 +141,11 @@ def _progress_bar(label: str, total: int):
 def generate(model, tokenizer, messages_or_prompt, params: SamplingParams | None = None, *,
              enable_thinking: bool | None = None, tools: list | None = None, stream: bool = False,
              engine: Engine | None = None, logprobs: int | None = None, speculative: str | None = None,
-             num_speculative_tokens: int = 3, **options):
+             num_speculative_tokens: int = 3, response_format: dict | None = None, tool_choice=None, **options):
     """Generate for one prompt: a GenerationResult, or with stream=True an iterator of Chunks whose last one carries
     the result. The arguments (sampling settings and KV-cache options included) are generate_batch's."""
     out = generate_batch(model, tokenizer, [messages_or_prompt], params, enable_thinking=enable_thinking,
                          tools=tools, stream=stream, engine=engine, logprobs=logprobs, speculative=speculative,
-                         num_speculative_tokens=num_speculative_tokens, **options)
+                         num_speculative_tokens=num_speculative_tokens, response_format=response_format,
+                         tool_choice=tool_choice, **options)
     return out if stream else out[0]

@@ -23,7 +23,8 @@ import torch
 
 from .cache_manager import PagedCache
 from .decode import DecodeStep
-from .request import BUDGET_PHRASE, Chunk, Request, Row
+from .grammar import mask_logits
+from .request import BUDGET_PHRASE, START, Chunk, Request, Row
 from .sampling import Sampler, device_tensor
 from .speculative import draft_tokens, speculative_step
 
@@ -250,7 +251,8 @@ class Engine:
         launch = self._launch() if self._launch_needed(pending) else None
         chunks = self._process(pending) if pending is not None else []
         if launch is not None:
-            if self.pipeline and not self._wants_logprobs():
+            # a grammar's mask needs the row's previous token: constrained rows are not pipelined
+            if self.pipeline and not self._wants_logprobs() and not self._constrained():
                 self._pending = launch
             else:
                 self._decide(launch)
@@ -279,7 +281,7 @@ class Engine:
         """The next token of these rows from their logits (len(slots), vocab), chosen on the host: sample (or force)
         it, feed it to the row's state machine. For newly added rows and for each position of a speculative step."""
         logits = logits[:, :self.token_limit]
-        sampled = self.sampler.sample(logits, slots).tolist()
+        sampled = self.sampler.sample(self._constrained_logits(slots, logits), slots).tolist()
         tokens = [self.rows[slot].next_token(token) for slot, token in zip(slots, sampled)]
         self.tokens[slots] = torch.tensor(tokens, device=self.device)
         self.sampler.observe(slots, tokens)
@@ -287,6 +289,22 @@ class Engine:
         for slot, token, logprob in zip(slots, tokens, self._logprobs(slots, logits, tokens)):
             chunks += self._accept(slot, token, logprob)
         return chunks
+
+    def _constrained(self) -> bool:
+        """Whether a row follows a grammar (now, or after its think block: the token after `</think>` is masked,
+        so its step must wait for `</think>` to be read)."""
+        return any(row is not None and row.matcher is not None and not row.matcher.broken for row in self.rows)
+
+    def _constrained_logits(self, slots: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """The logits (len(slots), vocab) to choose from: a copy with -inf where a row's grammar forbids a token
+        (while a think block may still open, `<think>` stays allowed), or the logits themselves when no row has one."""
+        rows = [self.rows[slot] for slot in slots]
+        matchers = [row.grammar_now() for row in rows]
+        if not any(matcher is not None for matcher in matchers):
+            return logits
+        think = self.tokenizer.think_start_id
+        extra = [[think] if row.phase == START and think is not None else [] for row in rows]
+        return mask_logits(logits.float().clone(), matchers, extra)
 
     def _accept(self, slot: int, token: int, logprob) -> list[Chunk]:
         row = self.rows[slot]
@@ -322,10 +340,12 @@ class Engine:
         for slot in slots:
             self.cache.lengths[slot] += 1
         self.launches += 1
-        if not self.sampler.is_greedy(slots):  # the step wrote argmaxes; rows that sample overwrite theirs
+        # the step wrote argmaxes; rows that sample or follow a grammar overwrite theirs
+        if not self.sampler.is_greedy(slots) or self._constrained():
             index = device_tensor(slots, torch.long, self.device)
             rows = logits if len(slots) == logits.shape[0] else logits[index]
-            self.tokens.index_copy_(0, index, self.sampler.sample(rows.float(), slots))
+            rows = self._constrained_logits(slots, rows.float())
+            self.tokens.index_copy_(0, index, self.sampler.sample(rows, slots))
         if self.device.type == "cuda":
             host, event = self.tokens.to("cpu", non_blocking=True), torch.cuda.Event()
             event.record()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from .grammar import Matcher
 from .sampling import SamplingParams
 
 BUDGET_PHRASE = ("\n\nConsidering the limited time by the user, I have to give the solution based on the thinking "
@@ -48,6 +49,7 @@ class Request:
     params: SamplingParams  # resolved: no None knobs
     index: int = 0
     logprobs: int | None = None  # report each token's logprob and this many top alternatives (None: off)
+    grammar: object | None = None  # a compiled grammar the answer must follow (grammar.py), None: free
 
 
 class Row:
@@ -67,6 +69,7 @@ class Row:
         self.logprobs: list | None = [] if request.logprobs is not None else None
         self.finish_reason: str | None = None
         self.lookup = None  # speculative decoding's drafts (a PromptLookup, made on first use)
+        self.matcher = None if request.grammar is None else Matcher(request.grammar)
 
     def next_token(self, sampled: int) -> int:
         """The sampled token, unless the thinking budget is spent: then the tokens of the budget phrase, one by one."""
@@ -81,8 +84,18 @@ class Row:
             self.forced.extend(self.budget_ids)
         return self.forced.popleft() if self.forced else None
 
+    def grammar_now(self):
+        """The Matcher that constrains this row's next token, or None: none asked, or inside the think block."""
+        if self.matcher is None or self.matcher.broken or self.phase == THINKING:
+            return None
+        return self.matcher
+
     def accept(self, token: int, logprob=None) -> list[Chunk]:
+        in_grammar = self.grammar_now() is not None and not (self.phase == START and
+                                                             token == self.tokenizer.think_start_id)
         kind = self._advance_phase(token)
+        if in_grammar:
+            self.matcher.accept(token)
         self.token_ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
@@ -141,8 +154,7 @@ class Row:
 
     def result(self) -> GenerationResult:
         text = "".join(self.sent)
-        # a prompt that opened the think block leaves no <think> in the output; the parser needs it to see reasoning
-        parsed = self.tokenizer.parse_output(("<think>" if self.started_thinking else "") + text)
+        parsed = self.tokenizer.parse_output(text, thinking=self.started_thinking)
         return GenerationResult(text, parsed["reasoning_content"], parsed["content"], parsed["tool_calls"],
                                 list(self.token_ids), self.finish_reason, len(self.request.prompt_ids),
                                 len(self.token_ids), self.reasoning_tokens, self.logprobs)
