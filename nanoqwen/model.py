@@ -192,9 +192,9 @@ class MLP(nn.Module):
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows of x sorted by expert (counts[e] rows for expert e) times weight[e].T: one grouped GEMM, no expert loop."""
-    if _GROUPED_MM and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=ends)
-    # fallback (e.g. fp32 on GPU): one matmul per expert that received tokens
+    if _GROUPED_MM and (x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())):
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=ends)  # (compiled, it takes bf16 only)
+    # fallback (fp32 on GPU, or compiled in fp32): one matmul per expert that received tokens
     out, start = x.new_empty(x.shape[0], weight.shape[1]), 0
     for e, n in enumerate(counts.tolist()):
         if n:

@@ -527,3 +527,17 @@ def test_loading_peak_memory_stays_near_model_size(tmp_path):
     before, after = map(int, out.stdout.split())
     growth = after - before
     assert growth < 1.35 * nbytes, f"peak grew by {growth / 1e6:.0f} MB for a {nbytes / 1e6:.0f} MB model"
+
+
+def test_grouped_matmul_compiles_in_fp32_on_the_cpu():
+    """The experts' grouped GEMM under torch.compile in fp32 on the CPU (the GPU speedrun's compiled MoE run as a CPU
+    smoke test failed there: compiled, torch._grouped_mm takes bf16 only) equals a matmul per expert."""
+    from nanoqwen.model import grouped_matmul
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 2])
+    x, weight = torch.randn(int(counts.sum()), 8), torch.randn(4, 6, 8)
+    ends = counts.cumsum(0).to(torch.int32)
+    expected = torch.cat([x[int(e - n):int(e)] @ weight[i].T for i, (n, e) in enumerate(zip(counts, ends))])
+    compiled = torch.compile(grouped_matmul, backend="aot_eager")(x, weight, counts, ends)
+    torch.testing.assert_close(compiled, expected)
+    torch.testing.assert_close(grouped_matmul(x, weight, counts, ends), expected)
