@@ -36,6 +36,9 @@ class Qwen3Config:
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    # Dual Chunk Attention (model.py): {"chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings":
+    # 262144} as the released long-context checkpoints write it; None: plain attention
+    dual_chunk_attention_config: dict | None = None
     attention_bias: bool = False
     attention_dropout: float = 0.0
     use_sliding_window: bool = False
@@ -100,6 +103,8 @@ class Qwen3Config:
             factor = self.rope_scaling.get("factor")
             if kind == "yarn" and not (_is_number(factor) and factor > 0):
                 raise ValueError(f"rope_scaling factor = {factor!r}: yarn needs a number > 0")
+        if self.dual_chunk_attention_config is not None:
+            check_dual_chunk(self)
 
     # --- derived facts ---
     @property
@@ -120,6 +125,17 @@ class Qwen3Config:
         """Channels of the DeltaNet conv: [q | k | v] of all heads."""
         return 2 * self.linear_num_key_heads * self.linear_key_head_dim + \
             self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def trained_length(self) -> int:
+        """The context the weights were trained at: Dual Chunk Attention's or YaRN's original_max_position_embeddings
+        when set (then max_position_embeddings is the extended context), else max_position_embeddings."""
+        dual_chunk, scaling = self.dual_chunk_attention_config or {}, self.rope_scaling or {}
+        if dual_chunk.get("original_max_position_embeddings"):
+            return dual_chunk["original_max_position_embeddings"]
+        if scaling.get("rope_type", scaling.get("type")) == "yarn" and scaling.get("original_max_position_embeddings"):
+            return scaling["original_max_position_embeddings"]
+        return self.max_position_embeddings
 
     def is_linear_layer(self, layer_idx: int) -> bool:
         return self.is_hybrid and self.layer_types[layer_idx] == "linear_attention"
@@ -170,6 +186,8 @@ class Qwen3Config:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if d["dual_chunk_attention_config"] is None:  # written only when set, as the released checkpoints do
+            del d["dual_chunk_attention_config"]
         if self.is_hybrid:
             d["architectures"] = ["Qwen3NextForCausalLM"]
             return d
@@ -243,6 +261,8 @@ FIELD_RULES = {
     "rope_theta": _number(lambda v: v > 0, "> 0"),
     "rope_scaling": (lambda v: v is None or isinstance(v, dict), "an object (e.g. {\"rope_type\": \"yarn\", "
                                                                "\"factor\": 4.0}) or null"),
+    "dual_chunk_attention_config": (lambda v: v is None or isinstance(v, dict), "an object (e.g. {\"chunk_size\": "
+                                    "8192, \"local_size\": 256}) or null"),
     "attention_bias": _BOOLEAN,
     "attention_dropout": _number(lambda v: 0 <= v <= 1, "in [0, 1]"),
     "use_sliding_window": _BOOLEAN,
@@ -279,6 +299,50 @@ def check_fields(config: Qwen3Config) -> None:
         value = getattr(config, name)
         if not ok(value):
             raise ValueError(f"{name} = {json.dumps(value) if _jsonable(value) else repr(value)}: must be {allowed}")
+
+
+def check_dual_chunk(config: Qwen3Config) -> None:
+    """dual_chunk_attention_config: integer chunk_size > local_size >= 0, chunk_size within the trained length, an
+    optional original_max_position_embeddings >= 1; other keys (the released configs' sparse-attention ones) are
+    kept and ignored. A bad one is a ValueError naming the problem."""
+    d = config.dual_chunk_attention_config
+    chunk, local = d.get("chunk_size"), d.get("local_size", 0)
+    original = d.get("original_max_position_embeddings")
+    if not (_is_int(chunk) and chunk >= 2):
+        raise ValueError(f"dual_chunk_attention_config chunk_size = {chunk!r}: must be an integer >= 2")
+    if not (_is_int(local) and 0 <= local < chunk):
+        raise ValueError(f"dual_chunk_attention_config local_size = {local!r}: must be an integer in "
+                         f"0..chunk_size-1 ({chunk - 1}), so that chunks of chunk_size - local_size tokens remain")
+    if original is not None and not (_is_int(original) and original >= 1):
+        raise ValueError(f"dual_chunk_attention_config original_max_position_embeddings = {original!r}: must be an "
+                         f"integer >= 1 or absent")
+    if chunk > config.trained_length:
+        raise ValueError(f"dual_chunk_attention_config chunk_size = {chunk} is larger than the trained length "
+                         f"({config.trained_length}): no relative distance may exceed what the model was trained on")
+
+
+def long_context(config: Qwen3Config, context: int | None = None, dual_chunk: int | None = None,
+                 dual_chunk_local: int | None = None, yarn: float | None = None, trained: int | None = None) -> dict:
+    """Config overrides (for load / load_model) that run a model past its trained length without training.
+
+    dual_chunk=CHUNK: Dual Chunk Attention with chunks of CHUNK tokens (local_size CHUNK/32, Qwen's ratio, unless
+    given; the logit scale starts past the trained length). yarn=FACTOR: YaRN rope scaling from the trained length.
+    context: the longest sequence accepted (max_position_embeddings); default the trained length times the YaRN
+    factor, or 4x with Dual Chunk Attention alone. trained: the length the weights saw (default: the config's
+    trained_length; a small model's config may allow more than it was trained on)."""
+    trained, overrides = trained or config.trained_length, {}
+    if yarn is not None:
+        overrides["rope_scaling"] = {"rope_type": "yarn", "factor": float(yarn),
+                                     "original_max_position_embeddings": trained}
+    if dual_chunk is not None:
+        local = max(1, dual_chunk // 32) if dual_chunk_local is None else dual_chunk_local
+        overrides["dual_chunk_attention_config"] = {"chunk_size": dual_chunk, "local_size": local,
+                                                    "original_max_position_embeddings": trained}
+    if context is None and overrides:
+        context = int(trained * yarn) if yarn is not None else 4 * trained
+    if context is not None:
+        overrides["max_position_embeddings"] = max(context, config.max_position_embeddings)
+    return overrides
 
 
 def _jsonable(value) -> bool:

@@ -107,30 +107,33 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # per head, one weight shared by all heads
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, qkv_weight: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, mask=None, cache=None, qkv_weight: torch.Tensor | None = None, dual_chunk=None):
         """qkv_weight: [q; k; v] stacked (the engine's decode step has them): one matmul instead of three."""
         if qkv_weight is not None:
             q, k, v = self.split_qkv(F.linear(x, qkv_weight))
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache))
+        return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache, dual_chunk))
 
     def split_qkv(self, qkv: torch.Tensor):
         return qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
 
-    def attend(self, q, k, v, cos, sin, mask=None, cache=None):
+    def attend(self, q, k, v, cos, sin, mask=None, cache=None, dual_chunk: "DualChunkRope | None" = None):
         """QK-norm, RoPE, the cache and attention over projected (B, T, heads * head_dim) q, k, v; the result goes
         into o_proj. cache: a generation.cache.CacheView (this layer's keys and values go in, all it attends to
-        come out)."""
+        come out). dual_chunk: Dual Chunk Attention's query rotations (cos and sin then rotate the keys to their
+        place in their chunk, which is what the cache stores)."""
         B, T, _ = q.shape
         q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim))  # QK-norm comes before RoPE
         k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        k = apply_rope(k, cos, sin).transpose(1, 2)
+        q = dual_chunk.rotate_queries(q) if dual_chunk is not None else apply_rope(q, cos, sin).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if isinstance(mask, flex.BlockMask):  # packed documents (see _attention_mask)
+        if dual_chunk is not None:
+            y = dual_chunk.attention(q, k, v, mask, cached=cache is not None)
+        elif isinstance(mask, flex.BlockMask):  # packed documents (see _attention_mask)
             y = flex_attention(q, k, v, mask, self.num_kv_heads != self.num_heads)
         elif T == 1 and cache is not None and mask is not None and (q.device.type == "cpu" or q.dtype == torch.float32):
             # one query per row: written out on the CPU, and for fp32 on the GPU, where SDPA has no GQA kernel and
@@ -140,6 +143,104 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
         return y.transpose(1, 2).reshape(B, T, -1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dual Chunk Attention (ChunkLlama; Qwen2.5-1M): past the trained length without training
+#
+# The sequence is cut into chunks of chunk_len = chunk_size - local_size tokens. A key sits at p mod chunk_len; a
+# query takes one of three positions, depending on the key's chunk: p mod chunk_len for keys of its own chunk (the
+# true relative distance), min(p mod chunk_len + chunk_len, chunk_size) for the previous chunk, chunk_size for all
+# earlier chunks. No relative distance then exceeds chunk_size, which stays within the trained length; up to
+# chunk_size tokens it is plain attention. The three partial attentions are merged exactly by their log-sum-exp.
+
+@dataclass
+class DualChunkRope:
+    """The rotations of one forward under Dual Chunk Attention (Qwen3ForCausalLM.dual_chunk_rope makes it).
+
+    key_cos/key_sin rotate keys, and queries for keys of their own chunk, to p mod chunk_len; successor_* rotate
+    queries for the previous chunk, inter_* for all earlier ones. logit_scale (B, T): YaRN's 0.1 ln(L / L_orig) + 1
+    (at least 1) with L = position + 1, the length a query sees, so a prefill and a token-by-token decode agree."""
+    chunk_len: int
+    query_positions: torch.Tensor  # (B, T) absolute positions: which chunk each query is in
+    key_cos: torch.Tensor
+    key_sin: torch.Tensor
+    successor_cos: torch.Tensor
+    successor_sin: torch.Tensor
+    inter_cos: torch.Tensor
+    inter_sin: torch.Tensor
+    logit_scale: torch.Tensor | None = None
+
+    def rotate_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """q (B, T, H, D) under the three rotations: (3, B, H, T, D) for own chunk, previous chunk, earlier ones."""
+        return torch.stack([apply_rope(q, cos, sin).transpose(1, 2) for cos, sin in (
+            (self.key_cos, self.key_sin), (self.successor_cos, self.successor_sin), (self.inter_cos, self.inter_sin))])
+
+    def attention(self, queries, k, v, mask, cached: bool) -> torch.Tensor:
+        """Over the keys of this forward (cached=False: key positions are the queries', mask None means causal,
+        else a (B, 1, T, T) bool) or of a cache (its slot s holds position s, mask its (B, 1, T, S) bool)."""
+        T, S = queries.shape[3], k.shape[2]
+        if cached:
+            key_positions = torch.arange(S, device=k.device)[None]
+        else:
+            key_positions = self.query_positions
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=k.device).tril()[None, None]
+        return dual_chunk_attention(queries, k, v, mask, self.query_positions, key_positions, self.chunk_len,
+                                    self.logit_scale)
+
+
+def dual_chunk_attention(queries, k, v, visible, query_positions, key_positions, chunk_len: int, logit_scale=None,
+                         max_scores: int = 1 << 24) -> torch.Tensor:
+    """Dual Chunk Attention in plain PyTorch (the reference).
+
+    queries (3, B, H, T, D): rotated for keys of their own chunk, the previous chunk, earlier chunks; k and v
+    (B, KV, S, D); visible (B or 1, 1, T, S) bool: which keys each query may see at all (causality, padding);
+    query_positions (B, T) and key_positions (B or 1, S): absolute positions, which give each pair its chunk
+    distance; logit_scale (B, T) or None. Returns (B, H, T, D). Queries go in blocks so that the scores of one
+    block stay under max_scores elements per part."""
+    _, B, H, T, _ = queries.shape
+    step = max(1, max_scores // (B * H * k.shape[2]))
+    blocks = [_dual_chunk_block(queries[:, :, :, i:i + step], k, v, visible[:, :, i:i + step],
+                                query_positions[:, i:i + step], key_positions, chunk_len,
+                                None if logit_scale is None else logit_scale[:, i:i + step])
+              for i in range(0, T, step)]
+    return torch.cat(blocks, dim=2)
+
+
+def _dual_chunk_block(queries, k, v, visible, query_positions, key_positions, chunk_len, logit_scale):
+    _, B, H, T, D = queries.shape
+    KV = k.shape[1]
+    G = H // KV
+    apart = query_positions[:, :, None] // chunk_len - key_positions[:, None, :] // chunk_len  # (B, T, S) chunks
+    parts = torch.stack((apart == 0, apart == 1, apart >= 2), dim=1) & visible  # (B, 3, T, S)
+    # the query heads of a KV head, under all three rotations, in one matmul: each key is read once
+    q = queries.view(3, B, KV, G, T, D).permute(1, 2, 0, 3, 4, 5).reshape(B, KV, 3 * G * T, D)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().view(B, KV, 3, G, T, -1) * D ** -0.5
+    if logit_scale is not None:
+        scores = scores * logit_scale[:, None, None, None, :, None]
+    outs, lses = partial_attention(scores, parts[:, None, :, None], v)  # (B, KV, 3, G, T, D), (B, KV, 3, G, T)
+    y = merge_partial_attentions(outs, lses, dim=2)  # (B, KV, G, T, D)
+    return y.reshape(B, H, T, D).to(v.dtype)
+
+
+def partial_attention(scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor):
+    """Softmax attention over the visible keys of fp32 scores (..., S): (output (..., D) in fp32, log-sum-exp
+    (...)). A query that sees no key gets output 0 and log-sum-exp -inf, so it weighs nothing in a merge. The
+    leading dims of scores after v's batch dims are flattened into one matmul against v (batch dims, S, D)."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(-1)
+    probs = torch.exp(scores - torch.where(lse.isfinite(), lse, 0.0)[..., None])
+    batch = v.dim() - 2
+    out = torch.matmul(probs.to(v.dtype).flatten(batch, -2), v).view(*probs.shape[:-1], v.shape[-1])
+    return out.float(), lse
+
+
+def merge_partial_attentions(outs: torch.Tensor, lses: torch.Tensor, dim: int) -> torch.Tensor:
+    """The attention over the union of disjoint key sets from the partial attentions over each (stacked along
+    dim): each output weighted by exp(its log-sum-exp - the total log-sum-exp)."""
+    weights = torch.exp(lses - lses.logsumexp(dim, keepdim=True))
+    return (weights[..., None] * outs).sum(dim)
 
 
 _compiled_flex = None
@@ -258,13 +359,15 @@ class DecoderLayer(nn.Module):
         self.is_sparse = config.is_sparse_layer(layer_idx)
         self.mlp = SparseMoE(config) if self.is_sparse else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, fused=None):
-        """fused: stacked projection weights (`fused.qkv[i]`, `fused.gate_up[i]`, None where a layer has none)."""
+    def forward(self, x, cos, sin, mask=None, cache=None, fused=None, dual_chunk=None):
+        """fused: stacked projection weights (`fused.qkv[i]`, `fused.gate_up[i]`, None where a layer has none).
+        dual_chunk: Dual Chunk Attention's query rotations (a DualChunkRope), None for plain attention."""
         i = self.self_attn.layer_idx
         qkv, gate_up = (fused.qkv[i], fused.gate_up[i]) if fused is not None else (None, None)
-        if qkv is not None and gate_up is not None and x.shape[1] == 1 and cache is not None and kernels.available(x):
+        if qkv is not None and gate_up is not None and x.shape[1] == 1 and cache is not None and \
+                dual_chunk is None and kernels.available(x):
             return kernels.decode_layer(self, x, cos, sin, mask, cache, qkv, gate_up), None  # GPU decoding
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, qkv)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, qkv, dual_chunk)
         y = self.mlp(self.post_attention_layernorm(x), gate_up) if gate_up is not None else \
             self.mlp(self.post_attention_layernorm(x))
         router_logits = None
@@ -325,6 +428,20 @@ class Qwen3ForCausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
+    def dual_chunk_rope(self, position_ids: torch.Tensor, dtype) -> DualChunkRope:
+        """The rotations of Dual Chunk Attention (config.dual_chunk_attention_config) at position_ids (B, T)."""
+        d = self.config.dual_chunk_attention_config
+        chunk_size = d["chunk_size"]
+        chunk_len = chunk_size - d.get("local_size", 0)
+        within = position_ids % chunk_len
+        original = d.get("original_max_position_embeddings")
+        logit_scale = None
+        if original:
+            logit_scale = (0.1 * torch.log((position_ids + 1).float() / original) + 1.0).clamp(min=1.0)
+        return DualChunkRope(chunk_len, position_ids, *self.rope(within, dtype),
+                             *self.rope((within + chunk_len).clamp(max=chunk_size), dtype),
+                             *self.rope(torch.full_like(position_ids, chunk_size), dtype), logit_scale)
+
     def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None, document_ids=None,
                 cache=None, labels=None, logits_to_keep: int = 0, output_router_logits: bool | None = None,
                 expert_counter=None, fused=None) -> CausalLMOutput:
@@ -353,8 +470,15 @@ class Qwen3ForCausalLM(nn.Module):
             mask = _attention_mask(attention_mask, document_ids, T, input_ids.device)
 
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(position_ids, x.dtype)
         router_logits, extra = [], self.layer_inputs(T, attention_mask, document_ids, cache)
+        if self.config.dual_chunk_attention_config:
+            if document_ids is not None:
+                raise ValueError("Dual Chunk Attention is for inference: packed documents (document_ids) are not "
+                                 "supported with it")
+            extra["dual_chunk"] = self.dual_chunk_rope(position_ids, x.dtype)
+            cos, sin = extra["dual_chunk"].key_cos, extra["dual_chunk"].key_sin
+        else:
+            cos, sin = self.rope(position_ids, x.dtype)
         for layer in self.model.layers:
             x, r = layer(x, cos, sin, mask, cache, fused, **extra)
             if r is not None:

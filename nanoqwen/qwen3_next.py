@@ -56,10 +56,10 @@ class GatedAttention(Attention):
         self.q_norm = ZeroCenteredRMSNorm(hd, config.rms_norm_eps)
         self.k_norm = ZeroCenteredRMSNorm(hd, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, dual_chunk=None):
         B, T, _ = x.shape
         q, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)  # per head [q | gate]
-        y = self.attend(q.reshape(B, T, -1), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache)
+        y = self.attend(q.reshape(B, T, -1), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache, dual_chunk)
         return self.o_proj(y * torch.sigmoid(gate.reshape(B, T, -1)))
 
 
@@ -245,12 +245,12 @@ class HybridDecoderLayer(nn.Module):
         self.is_sparse = config.is_sparse_layer(layer_idx)
         self.mlp = SharedExpertMoE(config) if self.is_sparse else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, fused=None, valid=None, document_ids=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, fused=None, valid=None, document_ids=None, dual_chunk=None):
         h = self.input_layernorm(x)
         if self.is_linear:
             x = x + self.linear_attn(h, cache, valid, document_ids)
         else:
-            x = x + self.self_attn(h, cos, sin, mask, cache)
+            x = x + self.self_attn(h, cos, sin, mask, cache, dual_chunk)
         y, router_logits = self.mlp(self.post_attention_layernorm(x)), None
         if self.is_sparse:
             y, router_logits = y
