@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write
 from .config import Qwen3Config, get_preset, with_overrides
+from .config import long_context as config_long_context
 from .model import Qwen3ForCausalLM
 from .qwen3_next import Qwen3NextForCausalLM
 
@@ -144,8 +145,10 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
     return model
 
 
-def load(path: str, dtype=None, device=None):
+def load(path: str, dtype=None, device=None, long_context: dict | None = None):
     """(model, tokenizer) from a checkpoint folder (model and tokenizer files side by side), ready to generate.
+    long_context: config.long_context's keyword arguments (dual_chunk=CHUNK, yarn=FACTOR, context=N), to run past
+    the trained length.
 
     device None: CUDA when available. dtype None: the checkpoint's, but bf16 instead of fp32 on CUDA. A folder
     without tokenizer files gets the official Qwen3 tokenizer if the model has its vocabulary. A training run's
@@ -157,8 +160,11 @@ def load(path: str, dtype=None, device=None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None and str(device).startswith("cuda") and os.path.isdir(path):
         dtype = "bfloat16" if Qwen3Config.from_json(path).torch_dtype in (None, "float32") else None
+    overrides = {}
+    if long_context and os.path.isdir(path):
+        overrides = config_long_context(Qwen3Config.from_json(path), **long_context)
     try:
-        model = load_model(path, dtype=dtype, device=device).eval()
+        model = load_model(path, dtype=dtype, device=device, **overrides).eval()
     except SafetensorError as error:
         raise ValueError(f"{path}: cannot read the weights: {error}") from None
     has_tokenizer = os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))

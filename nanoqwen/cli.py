@@ -95,6 +95,31 @@ def _cache_kwargs(args) -> dict:
                 kv_cache_memory_bytes=args.kv_cache_memory_bytes, enable_prefix_caching=args.enable_prefix_caching)
 
 
+def _long_context_kwargs(args) -> dict:
+    """checkpoint.load's long_context from --dca, --yarn and --context (empty: the checkpoint as it is)."""
+    chunk, local = args.dca if args.dca else (None, None)
+    options = dict(dual_chunk=chunk, dual_chunk_local=local, yarn=args.yarn, context=args.context)
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _chunk_sizes(text: str) -> tuple[int, int | None]:
+    """--dca CHUNK or CHUNK,LOCAL."""
+    parts = text.split(",")
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) < 2:
+        raise argparse.ArgumentTypeError(f"must be CHUNK or CHUNK,LOCAL (integers, CHUNK >= 2), got {text!r}")
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else None
+
+
+def _add_long_context_flags(p) -> None:
+    p.add_argument("--dca", type=_chunk_sizes, default=None, metavar="CHUNK[,LOCAL]",
+                   help="Dual Chunk Attention with chunks of CHUNK tokens (at most the trained length; LOCAL default "
+                        "CHUNK/32): runs past the trained length without training (docs/long_context.md)")
+    p.add_argument("--yarn", type=_number(float, lambda v: v >= 1, ">= 1"), default=None, metavar="FACTOR",
+                   help="YaRN rope scaling by FACTOR from the trained length (combines with --dca)")
+    p.add_argument("--context", type=_positive_int, default=None,
+                   help="longest sequence accepted (default with --dca/--yarn: 4x, or FACTOR x, the trained length)")
+
+
 def _bytes(text: str) -> int:
     """A byte count: 123, 512MB, 2GB (powers of 1000) or 2GiB (powers of 1024)."""
     import re
@@ -160,7 +185,7 @@ def cmd_generate(args):
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
     if not prompt.strip():
         raise ValueError("the prompt is empty: pass --prompt TEXT, or pipe the prompt to standard input")
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, long_context=_long_context_kwargs(args))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": prompt}]
     response_format = _json_schema_format(args.json_schema) if args.json_schema else None
@@ -246,7 +271,7 @@ def _chat_turn(model, tokenizer, state: dict, args) -> None:
 def cmd_chat(args):
     """Interactive multi-turn chat that streams, thinking dimmed apart from the answer."""
     from .checkpoint import load
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, long_context=_long_context_kwargs(args))
     # Ctrl-C stops an answer: take it even when started from a shell that ignores SIGINT (a script's `cmd &`)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -280,7 +305,7 @@ def cmd_serve(args):
     from .server import serve
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_len=args.max_len, dtype=args.dtype, device=args.device, model_name=args.served_model_name,
-          **_speculative_kwargs(args), **_cache_kwargs(args))
+          long_context=_long_context_kwargs(args), **_speculative_kwargs(args), **_cache_kwargs(args))
 
 
 def cmd_tokenize(args):
@@ -378,6 +403,7 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     _add_speculative_flags(p)
     _add_cache_flags(p)
+    _add_long_context_flags(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
 
@@ -459,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: folder name)")
     _add_speculative_flags(p)
     _add_cache_flags(p)
+    _add_long_context_flags(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.set_defaults(func=cmd_serve)

@@ -472,13 +472,14 @@ async def _completion_stream(server: Server, http, requests: list, head: dict, b
 
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
           max_len: int | None = None, dtype=None, device=None, model_name: str | None = None,
-          **engine_options) -> None:
+          long_context: dict | None = None, **engine_options) -> None:
     """Bind the port (a port in use fails at once, before the model loads), load a checkpoint folder and serve it
-    until interrupted. engine_options: as create_app."""
+    until interrupted. long_context: checkpoint.load's (Dual Chunk Attention, YaRN, a longer context).
+    engine_options: as create_app."""
     import uvicorn
     from .checkpoint import load
     sock = bind(host, port)
-    model, tokenizer = load(path, dtype=dtype, device=device)
+    model, tokenizer = load(path, dtype=dtype, device=device, long_context=long_context)
     name = model_name or os.path.basename(os.path.normpath(path))
     app = create_app(model, tokenizer, name, max_batch=max_batch, max_len=max_len, api_key=api_key, **engine_options)
     sock.listen(2048)  # from here a client waits in the queue while the server starts, never refused
