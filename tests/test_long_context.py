@@ -164,3 +164,19 @@ def test_cli_dca_flag(tiny, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", tiny, "--prompt", "x", "--dca", "8192", "--device", "cpu"])
     assert "chunk_size = 8192 is larger than the trained length (4096)" in capsys.readouterr().err
+
+
+def test_long_context_sweep_table_and_plot(tiny, tmp_path):
+    from nanoqwen.train.evaluate import EvalOptions, run as run_eval
+    report = run_eval(EvalOptions(model=tiny, out=str(tmp_path), suite="long-context", lengths="64", passkey_length=128,
+                                  extensions="all", multiples="1,2", trained_length=128, passkeys=2, device="cpu"))
+    sweep = report["context_sweep"]
+    assert list(sweep) == ["none", "yarn", "dca", "dca+yarn"] and all(list(row) == [1, 2] for row in sweep.values())
+    # within the trained length Dual Chunk Attention (chunks of the trained length) is plain attention; YaRN is not
+    assert sweep["dca"][1]["loss"] == pytest.approx(sweep["none"][1]["loss"], abs=1e-5)
+    assert sweep["dca+yarn"][1]["loss"] == pytest.approx(sweep["none"][1]["loss"], abs=1e-5)
+    assert abs(sweep["yarn"][1]["loss"] - sweep["none"][1]["loss"]) > 1e-4
+    assert sweep["dca"][2]["loss"] != pytest.approx(sweep["none"][2]["loss"], abs=1e-4)
+    assert all(0 <= cell["passkey"] <= 1 and cell["loss"] > 0 for row in sweep.values() for cell in row.values())
+    assert (tmp_path / "long_context.png").stat().st_size > 1000
+    assert json.load(open(tmp_path / "eval.json"))["trained_length"] == 128

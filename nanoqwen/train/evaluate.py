@@ -17,7 +17,8 @@ import os
 import random
 from dataclasses import dataclass
 
-from ..checkpoint import load, resolve
+from ..checkpoint import load, load_model, resolve
+from ..config import Qwen3Config
 from ..generation.api import generate_batch as _generate_batch
 from ..tasks import ANSWER_PREFIX, answer_line, sample_examples
 from . import rewards
@@ -63,8 +64,12 @@ def completion_accuracy(model_path: str, n: int = 64, seed: int = 0, max_new_tok
 
 def passkey_accuracy(model_path: str, seq_len: int, n: int = 16, seed: int = 7, device=None) -> dict:
     """Greedy answers to passkey prompts of about seq_len tokens: exact 5-digit keys and correct digits (chance 10%)."""
+    return passkey_retrieval(*load(resolve(model_path), device=device), seq_len, n, seed)
+
+
+def passkey_retrieval(model, tokenizer, seq_len: int, n: int = 16, seed: int = 7) -> dict:
+    """passkey_accuracy with a loaded model."""
     from .. import data
-    model, tokenizer = load(resolve(model_path), device=device)
     rng, filler = random.Random(seed), len(tokenizer.encode(data.PASSKEY_FILLER))
     items = [data.passkey_prompt(rng, max(1, (seq_len - 80) // filler)) for _ in range(n)]
     results = generate_batch(model, tokenizer, [prompt for prompt, _ in items], max_new_tokens=7, temperature=0.0)
@@ -89,6 +94,98 @@ def loss_at_lengths(model_path: str, data_dir: str, lengths, rows: int = 4) -> d
         return model(ids, labels=labels, document_ids=docs).loss.item()
     with torch.no_grad():
         return {int(n): float(np.mean([loss(b, n) for b in batches])) for n in lengths}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Past the trained length: no extension, YaRN, Dual Chunk Attention, both
+
+EXTENSIONS = ("none", "yarn", "dca", "dca+yarn")
+
+
+def extension_overrides(config, extension: str, trained: int, context: int) -> dict:
+    """Config overrides that run a model trained at `trained` tokens on up to `context` tokens.
+
+    none: RoPE extrapolates. yarn: YaRN rope scaling by context / trained. dca: Dual Chunk Attention with chunks of
+    the trained length. dca+yarn: the same with YaRN's logit scale 0.1 ln(L / trained) + 1 (Qwen2.5-1M's recipe)."""
+    from ..config import long_context
+    if extension not in EXTENSIONS:
+        raise ValueError(f"unknown context extension {extension!r}; known: {', '.join(EXTENSIONS)}")
+    if extension == "none":
+        return long_context(config, context=context, trained=trained)
+    if extension == "yarn":
+        return long_context(config, context=context, yarn=context / trained, trained=trained)
+    overrides = long_context(config, context=context, dual_chunk=trained, trained=trained)
+    if extension == "dca":  # no logit scale: the chunks alone
+        del overrides["dual_chunk_attention_config"]["original_max_position_embeddings"]
+    return overrides
+
+
+def position_losses(model, windows, edges) -> list[float]:
+    """Mean next-token loss of the positions in [edges[i], edges[i+1]) over windows (rows, length) of token ids,
+    each row one sequence (no document restarts: the context is the whole window)."""
+    import torch
+    import torch.nn.functional as F
+    totals = torch.zeros(len(edges) - 1)
+    with torch.no_grad():
+        for row in windows:
+            ids = torch.as_tensor(row, device=model.lm_head.weight.device)[None]
+            logits = model(ids[:, :-1]).logits[0].float()
+            losses = F.cross_entropy(logits, ids[0, 1:], reduction="none").cpu()  # position t predicts t + 1
+            totals += torch.stack([losses[a:b].mean() for a, b in zip(edges, edges[1:])])
+    return (totals / len(windows)).tolist()
+
+
+def context_sweep(model_path: str, data_dir: str, trained: int, multiples=(1, 2, 4, 8), extensions=EXTENSIONS,
+                  passkeys: int = 16, rows: int = 2, device=None) -> dict:
+    """Passkey retrieval at each multiple of the trained length, and the loss of the positions from the previous
+    multiple up to each (windows of the longest, from the token shards at data_dir), under each context extension:
+    {extension: {multiple: {passkey, digits, loss}}}."""
+    import torch
+    from .. import data
+    from ..tokenizer import load_tokenizer
+    path, multiples, device = resolve(model_path), sorted(multiples), device or ("cuda" if torch.cuda.is_available()
+                                                                                 else "cpu")
+    longest = multiples[-1] * trained
+    loader = data.PackedLoader(data_dir, 1, longest + 1, seed=0)
+    windows = [loader.next_batch()["input_ids"][0] for _ in range(rows)]
+    config, tokenizer, sweep = Qwen3Config.from_json(path), load_tokenizer(path), {}
+    for extension in extensions:
+        overrides = extension_overrides(config, extension, trained, longest)
+        model = load_model(path, device=device, **overrides).eval()
+        losses = position_losses(model, windows, [0] + [m * trained for m in multiples])
+        sweep[extension] = {}
+        for m, loss in zip(multiples, losses):
+            key = passkey_retrieval(model, tokenizer, m * trained, passkeys)
+            sweep[extension][m] = dict(passkey=key["exact"], digits=key["digits"], loss=loss)
+    return sweep
+
+
+def format_sweep(sweep: dict, trained: int) -> str:
+    multiples = list(next(iter(sweep.values())))
+    lines = [f"past the trained length ({trained} tokens): passkey exact / loss of the positions from the previous "
+             f"length up to this one",
+             f"{'extension':10s}" + "".join(f"{f'{m}x ({m * trained})':>16s}" for m in multiples)]
+    for extension, row in sweep.items():
+        lines.append(f"{extension:10s}" + "".join(f"{row[m]['passkey']:8.2f} /{row[m]['loss']:6.2f}" for m in multiples))
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep: dict, trained: int, png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for extension, row in sweep.items():
+        multiples = list(row)
+        left.plot(multiples, [row[m]["passkey"] for m in multiples], "o-", label=extension)
+        right.plot(multiples, [row[m]["loss"] for m in multiples], "o-", label=extension)
+    for ax, label in ((left, "passkey retrieval (exact)"), (right, "loss (positions since the previous length)")):
+        ax.set_xscale("log", base=2), ax.set_xticks(multiples, [f"{m}x" for m in multiples])
+        ax.set_xlabel(f"length / trained length ({trained})"), ax.set_ylabel(label), ax.grid(alpha=0.3)
+    left.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def pass_at_k(hits: list[list[float]], k: int) -> float:
@@ -197,6 +294,12 @@ class EvalOptions(TaskOptions):
     passkey_length: int = option(2048, "long-context: tokens of a passkey prompt", check=POSITIVE)
     data: str | None = option(None, "long-context: token shards of held-out documents (default: the embedded "
                                     "long documents)")
+    extensions: str = option("", "long-context: also sweep --multiples of the trained length under these context "
+                                 "extensions: 'all' or some of none,yarn,dca,dca+yarn (empty: no sweep)")
+    multiples: str = option("1,2,4,8", "long-context: the sweep's lengths, as multiples of the trained length")
+    trained_length: int | None = option(None, "long-context: the length the model was trained at (default: its "
+                                              "config's)", check=POSITIVE)
+    passkeys: int = option(16, "long-context: passkey prompts per length of the sweep", check=POSITIVE)
     seed: int = option(0, "seed of the problems and the sampling")
     device: str | None = option(None, "cpu or cuda (default: cuda when available)")
 
@@ -211,6 +314,8 @@ def run(o: EvalOptions) -> dict:
     write_json(report, os.path.join(out, "eval.json"))
     if report.get("budget_curve"):
         plot_budget(report, os.path.join(out, "budget.png"))
+    if report.get("context_sweep"):
+        plot_sweep(report["context_sweep"], report["trained_length"], os.path.join(out, "long_context.png"))
     return report
 
 
@@ -235,6 +340,15 @@ def _long_context(o: EvalOptions, out: str) -> dict:
     print(f"{resolve(o.model)}: held-out loss " + ", ".join(f"{v:.3f} at {n}" for n, v in report["loss"].items())
           + f"; passkey at {o.passkey_length}: exact {report['passkey']['exact']:.2f}, digits "
           f"{report['passkey']['digits']:.2f} (chance 0.10)")
+    if o.extensions:
+        extensions = EXTENSIONS if o.extensions == "all" else tuple(o.extensions.split(","))
+        multiples = tuple(int(m) for m in o.multiples.split(","))
+        trained = o.trained_length or Qwen3Config.from_json(resolve(o.model)).trained_length
+        data_dir = o.data or _long_documents(o.model, max(multiples) * trained, out)
+        report["trained_length"] = trained
+        report["context_sweep"] = context_sweep(o.model, data_dir, trained, multiples, extensions, o.passkeys,
+                                                device=o.device)
+        print(format_sweep(report["context_sweep"], trained))
     return report
 
 
