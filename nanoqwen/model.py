@@ -158,82 +158,85 @@ class Attention(nn.Module):
 class DualChunkRope:
     """The rotations of one forward under Dual Chunk Attention (Qwen3ForCausalLM.dual_chunk_rope makes it).
 
-    key_cos/key_sin rotate keys, and queries for keys of their own chunk, to p mod chunk_len; successor_* rotate
-    queries for the previous chunk, inter_* for all earlier ones. logit_scale (B, T): YaRN's 0.1 ln(L / L_orig) + 1
-    (at least 1) with L = position + 1, the length a query sees, so a prefill and a token-by-token decode agree."""
+    key_cos/key_sin (B, T, 1, rotary) rotate keys to p mod chunk_len. query_cos/query_sin (3, B, T, 1, rotary)
+    rotate queries for keys of their own chunk, of the previous chunk, of earlier chunks. query_scale (B, T, 1, 1):
+    the softmax scale 1/sqrt(head_dim), times YaRN's logit scale 0.1 ln(L / L_orig) + 1 (at least 1) when
+    original_max_position_embeddings is set, with L = position + 1, the length a query sees (so a prefill and a
+    token-by-token decode agree)."""
     chunk_len: int
     query_positions: torch.Tensor  # (B, T) absolute positions: which chunk each query is in
     key_cos: torch.Tensor
     key_sin: torch.Tensor
-    successor_cos: torch.Tensor
-    successor_sin: torch.Tensor
-    inter_cos: torch.Tensor
-    inter_sin: torch.Tensor
-    logit_scale: torch.Tensor | None = None
+    query_cos: torch.Tensor
+    query_sin: torch.Tensor
+    query_scale: torch.Tensor
+    part_bias: torch.Tensor | None = None  # (B, 3, T, S) of this forward, made by the first layer (one query block)
 
     def rotate_queries(self, q: torch.Tensor) -> torch.Tensor:
-        """q (B, T, H, D) under the three rotations: (3, B, H, T, D) for own chunk, previous chunk, earlier ones."""
-        return torch.stack([apply_rope(q, cos, sin).transpose(1, 2) for cos, sin in (
-            (self.key_cos, self.key_sin), (self.successor_cos, self.successor_sin), (self.inter_cos, self.inter_sin))])
+        """q (B, T, H, D) scaled and under the three rotations: (3, B, H, T, D)."""
+        q = (q * self.query_scale.to(q.dtype)).expand(3, *q.shape)  # (3, ...): partial RoPE keeps the rest of each
+        return apply_rope(q, self.query_cos, self.query_sin).transpose(2, 3)
 
     def attention(self, queries, k, v, mask, cached: bool) -> torch.Tensor:
         """Over the keys of this forward (cached=False: key positions are the queries', mask None means causal,
-        else a (B, 1, T, T) bool) or of a cache (its slot s holds position s, mask its (B, 1, T, S) bool)."""
-        T, S = queries.shape[3], k.shape[2]
+        else a (B, 1, T, T) bool) or of a cache (its slot s holds position s, mask its (B, 1, T, S) bool).
+        Queries go in blocks so that one block's scores stay under MAX_SCORES elements per part."""
+        _, B, H, T, _ = queries.shape
+        S = k.shape[2]
         if cached:
             key_positions = torch.arange(S, device=k.device)[None]
         else:
             key_positions = self.query_positions
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool, device=k.device).tril()[None, None]
-        return dual_chunk_attention(queries, k, v, mask, self.query_positions, key_positions, self.chunk_len,
-                                    self.logit_scale)
+        step = max(1, MAX_SCORES // (B * H * S))
+        if step >= T:  # one block: every layer of this forward has the same parts
+            if self.part_bias is None:
+                self.part_bias = chunk_part_bias(mask, self.query_positions, key_positions, self.chunk_len)
+            return dual_chunk_attention(queries, k, v, self.part_bias)
+        return torch.cat([dual_chunk_attention(queries[:, :, :, i:i + step], k, v, chunk_part_bias(
+            mask[:, :, i:i + step], self.query_positions[:, i:i + step], key_positions, self.chunk_len))
+            for i in range(0, T, step)], dim=2)
 
 
-def dual_chunk_attention(queries, k, v, visible, query_positions, key_positions, chunk_len: int, logit_scale=None,
-                         max_scores: int = 1 << 24) -> torch.Tensor:
-    """Dual Chunk Attention in plain PyTorch (the reference).
-
-    queries (3, B, H, T, D): rotated for keys of their own chunk, the previous chunk, earlier chunks; k and v
-    (B, KV, S, D); visible (B or 1, 1, T, S) bool: which keys each query may see at all (causality, padding);
-    query_positions (B, T) and key_positions (B or 1, S): absolute positions, which give each pair its chunk
-    distance; logit_scale (B, T) or None. Returns (B, H, T, D). Queries go in blocks so that the scores of one
-    block stay under max_scores elements per part."""
-    _, B, H, T, _ = queries.shape
-    step = max(1, max_scores // (B * H * k.shape[2]))
-    blocks = [_dual_chunk_block(queries[:, :, :, i:i + step], k, v, visible[:, :, i:i + step],
-                                query_positions[:, i:i + step], key_positions, chunk_len,
-                                None if logit_scale is None else logit_scale[:, i:i + step])
-              for i in range(0, T, step)]
-    return torch.cat(blocks, dim=2)
+MAX_SCORES = 1 << 24
 
 
-def _dual_chunk_block(queries, k, v, visible, query_positions, key_positions, chunk_len, logit_scale):
+def chunk_part_bias(visible, query_positions, key_positions, chunk_len: int) -> torch.Tensor:
+    """(B, 3, T, S) fp32: 0 where key j is in part p of query i (p = 0: its own chunk, 1: the previous chunk,
+    2: earlier chunks) and visible to it at all (visible (B or 1, 1, T, S) bool: causality, padding), else -inf.
+    query_positions (B, T) and key_positions (B or 1, S) are absolute."""
+    apart = query_positions[:, :, None] // chunk_len - key_positions[:, None, :] // chunk_len  # (B, T, S) chunks
+    parts = torch.stack((apart == 0, apart == 1, apart >= 2), dim=1) & visible
+    return torch.zeros(parts.shape, device=parts.device).masked_fill_(~parts, float("-inf"))
+
+
+def dual_chunk_attention(queries, k, v, part_bias) -> torch.Tensor:
+    """Dual Chunk Attention in plain PyTorch (the reference): queries (3, B, H, T, D) rotated for keys of their own
+    chunk, the previous chunk, earlier chunks and already scaled; k and v (B, KV, S, D); part_bias (B, 3, T, S)
+    from chunk_part_bias. Returns (B, H, T, D): the three partial attentions merged by their log-sum-exp."""
     _, B, H, T, D = queries.shape
     KV = k.shape[1]
     G = H // KV
-    apart = query_positions[:, :, None] // chunk_len - key_positions[:, None, :] // chunk_len  # (B, T, S) chunks
-    parts = torch.stack((apart == 0, apart == 1, apart >= 2), dim=1) & visible  # (B, 3, T, S)
     # the query heads of a KV head, under all three rotations, in one matmul: each key is read once
     q = queries.view(3, B, KV, G, T, D).permute(1, 2, 0, 3, 4, 5).reshape(B, KV, 3 * G * T, D)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float().view(B, KV, 3, G, T, -1) * D ** -0.5
-    if logit_scale is not None:
-        scores = scores * logit_scale[:, None, None, None, :, None]
-    outs, lses = partial_attention(scores, parts[:, None, :, None], v)  # (B, KV, 3, G, T, D), (B, KV, 3, G, T)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().view(B, KV, 3, G, T, -1)
+    outs, lses = partial_attention(scores + part_bias[:, None, :, None], v)  # (B, KV, 3, G, T, D), (.., T)
     y = merge_partial_attentions(outs, lses, dim=2)  # (B, KV, G, T, D)
     return y.reshape(B, H, T, D).to(v.dtype)
 
 
-def partial_attention(scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor):
-    """Softmax attention over the visible keys of fp32 scores (..., S): (output (..., D) in fp32, log-sum-exp
-    (...)). A query that sees no key gets output 0 and log-sum-exp -inf, so it weighs nothing in a merge. The
-    leading dims of scores after v's batch dims are flattened into one matmul against v (batch dims, S, D)."""
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = scores.logsumexp(-1)
-    probs = torch.exp(scores - torch.where(lse.isfinite(), lse, 0.0)[..., None])
+def partial_attention(scores: torch.Tensor, v: torch.Tensor):
+    """Softmax attention with fp32 scores (..., S), -inf for keys a query does not see: (output (..., D) in fp32,
+    log-sum-exp (...)). A query that sees no key gets output 0 and log-sum-exp -inf, so it weighs nothing in a
+    merge. The leading dims of scores after v's batch dims go into one matmul against v (batch dims, S, D)."""
+    peak = scores.amax(-1)
+    peak = torch.where(peak.isfinite(), peak, 0.0)
+    weights = torch.exp(scores - peak[..., None])  # one exp: the sum gives the log-sum-exp, the matmul the output
+    total = weights.sum(-1)
     batch = v.dim() - 2
-    out = torch.matmul(probs.to(v.dtype).flatten(batch, -2), v).view(*probs.shape[:-1], v.shape[-1])
-    return out.float(), lse
+    out = torch.matmul(weights.to(v.dtype).flatten(batch, -2), v).view(*weights.shape[:-1], v.shape[-1])
+    return out.float() / total.clamp(min=1e-30)[..., None], peak + total.log()
 
 
 def merge_partial_attentions(outs: torch.Tensor, lses: torch.Tensor, dim: int) -> torch.Tensor:
@@ -434,13 +437,17 @@ class Qwen3ForCausalLM(nn.Module):
         chunk_size = d["chunk_size"]
         chunk_len = chunk_size - d.get("local_size", 0)
         within = position_ids % chunk_len
+        key_cos, key_sin = self.rope(within, dtype)
+        successor = self.rope((within + chunk_len).clamp(max=chunk_size), dtype)
+        inter = self.rope(torch.full_like(position_ids, chunk_size), dtype)
+        scale = torch.full(position_ids.shape, self.config.head_dim ** -0.5, device=position_ids.device)
         original = d.get("original_max_position_embeddings")
-        logit_scale = None
         if original:
-            logit_scale = (0.1 * torch.log((position_ids + 1).float() / original) + 1.0).clamp(min=1.0)
-        return DualChunkRope(chunk_len, position_ids, *self.rope(within, dtype),
-                             *self.rope((within + chunk_len).clamp(max=chunk_size), dtype),
-                             *self.rope(torch.full_like(position_ids, chunk_size), dtype), logit_scale)
+            scale = scale * (0.1 * torch.log((position_ids + 1).float() / original) + 1.0).clamp(min=1.0)
+        return DualChunkRope(chunk_len, position_ids, key_cos, key_sin,
+                             torch.stack((key_cos, successor[0], inter[0])), torch.stack((key_sin, successor[1],
+                                                                                          inter[1])),
+                             scale[:, :, None, None])
 
     def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None, document_ids=None,
                 cache=None, labels=None, logits_to_keep: int = 0, output_router_logits: bool | None = None,

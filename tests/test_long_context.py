@@ -82,7 +82,7 @@ def direct_dual_chunk_layer(attn, x, chunk_size, local_size, original, theta):
         return attn.o_proj(out.reshape(1, T, H * D).float())
 
 
-def test_a_layer_agrees_with_the_definition():
+def test_a_layer_agrees_with_the_definition(monkeypatch):
     chunk_size, local_size, original = 8, 3, 8  # chunks of 5 tokens; the logit scale grows past 8 tokens
     _, model = model_pair("dense", dca(chunk_size, local_size, original))
     attn, T = model.model.layers[0].self_attn, 27
@@ -93,6 +93,10 @@ def test_a_layer_agrees_with_the_definition():
         got = attn(x, rope.key_cos, rope.key_sin, dual_chunk=rope)
     want = direct_dual_chunk_layer(attn, x, chunk_size, local_size, original, model.config.rope_theta)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    monkeypatch.setattr("nanoqwen.model.MAX_SCORES", 100)  # queries in blocks of 1 (a long prefill's memory bound)
+    with torch.no_grad():
+        blocked = attn(x, rope.key_cos, rope.key_sin, dual_chunk=model.dual_chunk_rope(positions, torch.float32))
+    torch.testing.assert_close(blocked, want, atol=2e-5, rtol=1e-4)
 
 
 def cached_logits(model, ids: list[int], piece: int, block_size: int = 4) -> torch.Tensor:

@@ -166,7 +166,7 @@ def format_sweep(sweep: dict, trained: int) -> str:
              f"length up to this one",
              f"{'extension':10s}" + "".join(f"{f'{m}x ({m * trained})':>16s}" for m in multiples)]
     for extension, row in sweep.items():
-        lines.append(f"{extension:10s}" + "".join(f"{row[m]['passkey']:8.2f} /{row[m]['loss']:6.2f}" for m in multiples))
+        lines.append(f"{extension:10s}" + "".join(f"{row[m]['passkey']:9.2f} /{row[m]['loss']:6.2f}" for m in multiples))
     return "\n".join(lines)
 
 
