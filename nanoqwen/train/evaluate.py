@@ -298,7 +298,7 @@ class EvalOptions(TaskOptions):
                                  "extensions: 'all' or some of none,yarn,dca,dca+yarn (empty: no sweep)")
     multiples: str = option("1,2,4,8", "long-context: the sweep's lengths, as multiples of the trained length")
     trained_length: int | None = option(None, "long-context: the length the model was trained at (default: its "
-                                              "config's)", check=POSITIVE)
+                                              "config.s)", type=int, check=POSITIVE)
     passkeys: int = option(16, "long-context: passkey prompts per length of the sweep", check=POSITIVE)
     seed: int = option(0, "seed of the problems and the sampling")
     device: str | None = option(None, "cpu or cuda (default: cuda when available)")
