@@ -157,6 +157,8 @@ def context_sweep(model_path: str, data_dir: str, trained: int, multiples=(1, 2,
         for m, loss in zip(multiples, losses):
             key = passkey_retrieval(model, tokenizer, m * trained, passkeys)
             sweep[extension][m] = dict(passkey=key["exact"], digits=key["digits"], loss=loss)
+        print(f"{extension}: " + ", ".join(f"{m}x passkey {c['passkey']:.2f} loss {c['loss']:.3f}"
+                                           for m, c in sweep[extension].items()), flush=True)
     return sweep
 
 
