@@ -275,6 +275,23 @@ def pretraining_section(run: Run) -> list[str]:
         for label, r in (("S2 (before S3)", before), ("S3", after)):
             L.append(f"| {label} | " + " | ".join(f"{r['loss'][n]:.3f}" for n in lengths) +
                      f" | {r['passkey']['exact']:.2f} | {r['passkey']['digits']:.2f} |")
+    return L + context_sweep_section(after)
+
+
+def context_sweep_section(after: dict | None) -> list[str]:
+    """The S3 model past its trained length under each context extension (eval --extensions)."""
+    if not after or not after.get("context_sweep"):
+        return []
+    sweep, trained = after["context_sweep"], after["trained_length"]
+    multiples = list(next(iter(sweep.values())))
+    L = ["", f"The S3 model past its trained length ({trained} tokens) without training, under each context "
+         "extension (docs/long_context.md): passkey retrieval (exact) / held-out loss of the positions up to each "
+         "length.", "", f"![context extensions](eval/long-s3/long_context.png)", "",
+         "| extension | " + " | ".join(f"{m}x ({int(m) * trained})" for m in multiples) + " |",
+         "|---|" + "---:|" * len(multiples)]
+    for extension, row in sweep.items():
+        L.append(f"| {extension} | " + " | ".join(f"{row[m]['passkey']:.2f} / {row[m]['loss']:.2f}" for m in multiples)
+                 + " |")
     return L
 
 

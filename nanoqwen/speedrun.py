@@ -52,20 +52,21 @@ class Scale:
     max_new_tokens: int
     moe: bool                # dense vs MoE at equal active parameters (stage 1)
     compile: bool            # compiled pre-training steps
+    sweep: str = ""          # the S3 model's context sweep: multiples of its trained length (docs/long_context.md)
     smallest: dict = field(default_factory=dict)  # stage: its smallest size, where the recipe's default is too small
 
 
 SCALES = {
     "tiny": Scale(minutes=3, teachers=("nano-d2",), vocab=512, tasks="arithmetic,units", difficulty="1-2",
                   languages="en", batch=8, rollouts=(4, 4), eval_k=1, min_eval=16, max_new_tokens=160, moe=True,
-                  compile=False, smallest={"teacher-s1": 30, "teacher-s3": 15, "student-s1": 20,
+                  compile=False, sweep="1,2", smallest={"teacher-s1": 30, "teacher-s3": 15, "student-s1": 20,
                                            "coldstart": 60}),  # enough for the teacher to learn to end its turns
     "cpu": Scale(minutes=30, teachers=("nano-d2", "nano-d4", "nano-d6"), vocab=1024,
                  tasks="lists,logic,units,word_problems", difficulty="1-2", languages="en", batch=8, rollouts=(8, 8),
                  eval_k=2, min_eval=64, max_new_tokens=192, moe=False, compile=False),
     "gpu": Scale(minutes=10, teachers=("nano-d6", "nano-d8", "nano-d12"), vocab=4096, tasks=None, difficulty="1-3",
                  languages=None, batch=64, rollouts=(32, 8), eval_k=4, min_eval=128, max_new_tokens=512, moe=True,
-                 compile=True),
+                 compile=True, sweep="1,2,4,8"),
 }
 BUDGETS = "0,16,32,64,128,inf"  # the thinking-budget curves of the final teacher and student
 CHAT_EVALS = ("coldstart", "rl", "fusion", "general", "distill-off", "student-rl", "distill-on")
@@ -129,14 +130,19 @@ class _Recipe:
             "eval-base", minimum=self.s.min_eval // 2)
 
     def long_eval(self, stage: int):
-        """Long context with the weights of `stage`: loss at 1x and 4x the S1 length, passkey at 4x."""
+        """Long context with the weights of `stage`: loss at 1x and 4x the S1 length, passkey at 4x; after S3, where
+        the scale asks for it, the context sweep: passkey and loss at multiples of the S3 length with no extension,
+        YaRN, DCA and DCA+YaRN."""
         from .train.evaluate import EvalOptions
-        seq = self.seq
+        seq, multiples = self.seq, [int(m) for m in self.s.sweep.split(",") if m] if stage == 3 else []
+        sweep = dict(extensions="all", multiples=self.s.sweep, trained_length=self.long_seq, passkeys=4) \
+            if multiples else {}
+        swept = 4 * sum(multiples) * self.long_seq * (2 + 4)  # 4 extensions x (2 loss windows + 4 passkeys)
         self.add(f"eval-long-s{stage}", "eval", f"eval/long-s{stage}", lambda n: EvalOptions(
             model=self.j("teacher", f"stage{stage}"), out=self.j("eval", f"long-s{stage}"), suite="long-context",
             lengths=f"{seq},{4 * seq}", passkey_length=4 * seq, data=self.j("teacher", "stage3", "data", "test"),
-            seed=self.quiet["seed"]), Work("teacher", score=4 * 5 * seq + 16 * 4 * seq, generate=16 * 7),
-            "eval-long")
+            seed=self.quiet["seed"], **sweep), Work("teacher", score=4 * 5 * seq + 16 * 4 * seq + swept,
+                                                     generate=16 * 7), "eval-long")
 
     def rl(self, name: str, role: str, model: str, stage: str, **extra):
         """GRPO at Qwen's thinking temperature; reasoning RL keeps the learnable queries (solved in 1-3 of 4)."""

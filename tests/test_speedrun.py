@@ -72,6 +72,10 @@ def test_tiny_speedrun(tmp_path):
         assert f"({png}.png)" in card and os.path.getsize(os.path.join(out, f"{png}.png")) > 5000, png
     assert "n/a" not in card.split("## Post-training")[1].split("## Strong")[0]  # every stage was evaluated
     assert "The student is the teacher's size here" in card  # tiny: both nano-d2, and the card says so
+    sweep = card.split("under each context extension")[1]  # the S3 model's context sweep, 1x and 2x
+    for extension in ("none", "yarn", "dca", "dca+yarn"):
+        assert f"\n| {extension} | " in sweep, extension
+    assert os.path.getsize(os.path.join(out, "eval", "long-s3", "long_context.png")) > 5000
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") == len(steps)
