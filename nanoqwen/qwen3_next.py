@@ -8,16 +8,21 @@ decays towards 0 in training). The MoE adds a shared expert scaled by `sigmoid(s
 
 Everything else is the Qwen3 model of model.py: embedding, RoPE, the cache protocol, the MoE experts, losses. Names mirror
 the HF checkpoint, so it loads and saves through checkpoint.py as the others do. The multi-token-prediction head that
-released checkpoints carry (`mtp.*`) is not part of this model (transformers does not load it either).
+released checkpoints carry (`mtp.*`, which transformers does not load) is `MultiTokenPredictor`: an auxiliary loss in
+training, a drafter for speculative decoding (generation/speculative.py).
 """
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Qwen3Config
-from .model import MLP, Attention, Qwen3ForCausalLM, Qwen3Model, SparseMoE
+from .model import (MLP, Attention, CausalLMOutput, Qwen3ForCausalLM, Qwen3Model, SparseMoE, _attention_mask,
+                    _document_positions, causal_lm_loss)
 
 
 class ZeroCenteredRMSNorm(nn.Module):
@@ -233,16 +238,18 @@ class SharedExpertMoE(SparseMoE):
 
 
 class HybridDecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3Config, layer_idx: int):
+    def __init__(self, config: Qwen3Config, layer_idx: int, mtp: bool = False):
+        """mtp: a layer of the multi-token-prediction head (full attention, MoE when the model has experts);
+        layer_idx is then its cache slot past the model's layers."""
         super().__init__()
         self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.is_linear = config.is_linear_layer(layer_idx)
+        self.is_linear = not mtp and config.is_linear_layer(layer_idx)
         if self.is_linear:
             self.linear_attn = GatedDeltaNet(config, layer_idx)
         else:
             self.self_attn = GatedAttention(config, layer_idx)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.is_sparse = config.is_sparse_layer(layer_idx)
+        self.is_sparse = config.is_moe if mtp else config.is_sparse_layer(layer_idx)
         self.mlp = SharedExpertMoE(config) if self.is_sparse else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask=None, cache=None, fused=None, valid=None, document_ids=None):
@@ -261,13 +268,54 @@ class Qwen3NextModel(Qwen3Model):
     layer_class, norm_class = HybridDecoderLayer, ZeroCenteredRMSNorm
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-token prediction
+
+@dataclass
+class HybridLMOutput(CausalLMOutput):
+    mtp_loss: torch.Tensor | None = None  # the MTP head's loss, unscaled (`loss` holds it times mtp_loss_weight)
+
+
+class MultiTokenPredictor(nn.Module):
+    """The multi-token-prediction head (`mtp.*`): from the main model's final hidden state at t (after its norm) and
+    the embedding of token t+1, hidden states whose lm_head logits predict token t+2:
+    fc(cat(norm_e(embed(x[t+1])), norm_h(h[t]))) -> a full-attention decoder layer with the MoE -> norm.
+    Embedding and lm_head are the main model's. Chained for drafts, the output is the next depth's h; depth d
+    runs layer d % num_nextn_predict_layers (as vLLM). Layer i keeps its keys in cache layer num_hidden_layers + i."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.pre_fc_norm_embedding = ZeroCenteredRMSNorm(H, eps)
+        self.pre_fc_norm_hidden = ZeroCenteredRMSNorm(H, eps)
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.layers = nn.ModuleList(HybridDecoderLayer(config, config.num_hidden_layers + i, mtp=True)
+                                    for i in range(config.num_nextn_predict_layers))
+        self.norm = ZeroCenteredRMSNorm(H, eps)
+
+    def forward(self, embeds, hidden, cos, sin, mask=None, cache=None, depth: int = 0):
+        """embeds (B, T, H): the tokens one past those `hidden` (B, T, H) were computed at. Returns the normed
+        hidden states (B, T, H) and the layer's router logits (None without experts)."""
+        x = self.fc(torch.cat((self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)), dim=-1))
+        x, router_logits = self.layers[depth % len(self.layers)](x, cos, sin, mask, cache)
+        return self.norm(x), router_logits
+
+
 class Qwen3NextForCausalLM(Qwen3ForCausalLM):
-    """Qwen3-Next causal LM: the same interface as Qwen3ForCausalLM (forward, losses, the cache protocol)."""
+    """Qwen3-Next causal LM: the same interface as Qwen3ForCausalLM (forward, losses, the cache protocol), plus the
+    multi-token-prediction head `mtp` when config.num_nextn_predict_layers > 0. In training (labels given, train
+    mode) its loss joins the main one: loss = next-token loss + router aux + mtp_loss_weight * mtp_loss."""
     backbone = Qwen3NextModel
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__(config)
+        self.mtp = MultiTokenPredictor(config) if config.num_nextn_predict_layers else None
+        self._mtp_batch = None  # what the MTP loss needs of the batch, set by forward for head
 
     def init_weights(self) -> None:
         """As transformers: Normal(0, initializer_range) for matrices and the conv, zero-centred norm weights 0,
-        the DeltaNet output norm 1, dt_bias 1, A = exp(A_log) uniform in (0.01, 16)."""
+        the DeltaNet output norm 1, dt_bias 1, A = exp(A_log) uniform in (0.01, 16). Routers: see
+        normalise_routers."""
         super().init_weights()
         with torch.no_grad():
             for module in self.modules():
@@ -276,6 +324,7 @@ class Qwen3NextForCausalLM(Qwen3ForCausalLM):
                 elif isinstance(module, GatedDeltaNet):
                     module.dt_bias.fill_(1.0)
                     module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0.01, 16).log())
+        normalise_routers(self)
 
     def layer_inputs(self, T: int, attention_mask, document_ids, cache) -> dict:
         # the DeltaNet layers zero padding (never the one new token of a decode step) and restart at documents
@@ -283,3 +332,60 @@ class Qwen3NextForCausalLM(Qwen3ForCausalLM):
             return dict(valid=cache.valid, document_ids=document_ids)
         valid = attention_mask.bool() if attention_mask is not None and T > 1 else None
         return dict(valid=valid, document_ids=document_ids)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, document_ids=None, cache=None, labels=None,
+                **rest):
+        wants_mtp = labels is not None and cache is None and self.training and self.mtp is not None and \
+            self.config.mtp_loss_weight > 0
+        self._mtp_batch = (input_ids, labels, position_ids, attention_mask, document_ids) if wants_mtp else None
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, document_ids, cache, labels, **rest)
+        finally:
+            self._mtp_batch = None
+
+    def head(self, x, labels, attention_mask, *rest, **kwargs):
+        out = super().head(x, labels, attention_mask, *rest, **kwargs)
+        if self._mtp_batch is None:
+            return out
+        mtp_loss = self.mtp_loss(self.model.norm(x), *self._mtp_batch)
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        fields["loss"] = out.loss + self.config.mtp_loss_weight * mtp_loss
+        return HybridLMOutput(**fields, mtp_loss=mtp_loss)
+
+    def mtp_loss(self, hidden, input_ids, labels, position_ids=None, attention_mask=None, document_ids=None):
+        """Mean over the head's depths d of the loss of predicting token t+2+d at each position t, chained as
+        drafting chains it. hidden: the main model's final normed hidden states (B, T, H). Targets in another
+        document than position t are ignored."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = _document_positions(document_ids) if document_ids is not None else \
+                torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        embeds, losses, h = self.model.embed_tokens(input_ids), [], hidden
+        for depth in range(self.config.num_nextn_predict_layers):
+            L = T - 1 - depth  # positions t whose token t+1+depth is known
+            if L < 2:
+                break
+            docs = document_ids[:, :L] if document_ids is not None else None
+            mask = _attention_mask(attention_mask[:, :L] if attention_mask is not None else None, docs, L,
+                                   input_ids.device)
+            cos, sin = self.rope(position_ids[:, :L], h.dtype)
+            h, _ = self.mtp(embeds[:, 1 + depth:1 + depth + L], h[:, :L], cos, sin, mask, depth=depth)
+            target = labels[:, 1 + depth:1 + depth + L]  # causal_lm_loss shifts once more: t predicts t+2+depth
+            if document_ids is not None:
+                other = document_ids[:, 2 + depth:1 + depth + L] != document_ids[:, :L - 1]
+                target = torch.cat((target[:, :1], target[:, 1:].masked_fill(other, -100)), dim=1)
+            losses.append(causal_lm_loss(h, self.lm_head.weight, target))
+        return torch.stack(losses).mean() if losses else hidden.new_zeros((), dtype=torch.float32)
+
+
+def normalise_routers(model: nn.Module) -> None:
+    """Every router row (one expert's gate vector) scaled to the same norm, std * sqrt(hidden): with random normal
+    rows an expert whose row came out longer has a wider logit spread and wins the top-k more often, for every input
+    alike. Equal norms make each expert's logit equally spread, so all start equally chosen (the Qwen3-Next notes:
+    router parameters initialised normalised, so each expert is selected unbiasedly early in training)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SparseMoE):
+                w = module.gate.weight
+                target = model.config.initializer_range * w.shape[1] ** 0.5
+                w.mul_(target / w.float().norm(dim=1, keepdim=True).clamp(min=1e-12).to(w.dtype))

