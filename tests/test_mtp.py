@@ -1,6 +1,7 @@
 """Qwen3-Next's multi-token-prediction head: loaded and saved under the released names, its forward against a
 reference written here from the definition (transformers has no MTP head; its decoder layer is used for the layer),
 its loss in training, the router initialisation, and speculative decoding with MTP drafts."""
+import itertools
 import json
 
 import pytest
@@ -9,7 +10,11 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
+from nanoqwen import data
 from nanoqwen.checkpoint import load_model, save_model
+from nanoqwen.model import SparseMoE
+from nanoqwen.tokenizer import load_tokenizer
+from nanoqwen.train.trainer import TrainConfig, Trainer
 from test_model import max_diff
 from test_qwen3_next import hf_config, hf_model
 
@@ -91,3 +96,43 @@ def test_a_declared_head_without_weights_loads_without_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     ours = load_model(str(tmp_path))
     assert ours.mtp is None and ours.config.num_nextn_predict_layers == 0
+
+
+@pytest.fixture(scope="module")
+def corpus_rows(tiny):
+    """The embedded corpus (task problems and prose) under the tiny checkpoint's 512-token tokenizer, in rows of 64."""
+    tokenizer = load_tokenizer(tiny)
+    ids = []
+    for document in itertools.islice(data.synthetic_corpus("train", 1), 400):
+        ids += tokenizer.encode(document) + [tokenizer.eos_token_id]
+    return torch.tensor(ids[:len(ids) // 64 * 64]).view(-1, 64)
+
+
+def test_mtp_loss_falls_and_is_logged_apart(corpus_rows, tmp_path):
+    torch.manual_seed(0)
+    model = load_model("nano-next-d4", vocab_size=512, mtp_loss_weight=0.5)
+    batches = [dict(input_ids=corpus_rows[i:i + 4], labels=corpus_rows[i:i + 4]) for i in range(0, 4 * 25, 4)]
+    trainer = Trainer(model, TrainConfig(steps=25, lr=3e-3, warmup_steps=2, out_dir=str(tmp_path), log_every=100,
+                                         progress=False), iter(batches), device="cpu")
+    records = [trainer.train_step() for _ in range(25)]
+    mtp = [r["mtp_loss"] for r in records]
+    assert sum(mtp[-5:]) / 5 < mtp[0] - 1.0, mtp
+    assert all(r["loss"] > 0.5 * r["mtp_loss"] for r in records)  # the logged loss is the objective, MTP included
+    model.eval()  # the held-out loss stays the next-token loss alone
+    with torch.no_grad():
+        assert getattr(model(corpus_rows[:4], labels=corpus_rows[:4]), "mtp_loss", None) is None
+
+
+def test_routers_start_normalised_and_experts_evenly_chosen(corpus_rows):
+    torch.manual_seed(0)
+    model = load_model("nano-next-d4", vocab_size=512, num_experts=16, num_experts_per_tok=2).eval()
+    routers = [m.gate.weight for m in model.modules() if isinstance(m, SparseMoE)]
+    assert len(routers) == 5  # four layers and the MTP head's
+    for w in routers:
+        assert torch.allclose(w.norm(dim=1), torch.full((16,), 0.02 * 256 ** 0.5), rtol=1e-5)
+    with torch.no_grad():
+        router_logits = model(corpus_rows[:16], output_router_logits=True).router_logits
+    for logits in router_logits:  # each expert's share of the top-2 choices, relative to an even 1/16
+        load = torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=16).float()
+        share = load / load.mean()
+        assert share.min() > 0.3 and share.max() < 2.0, share
