@@ -12,9 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from nanoqwen import data
 from nanoqwen.checkpoint import load_model, save_model
+from nanoqwen.generation import Engine, generate_batch
+from nanoqwen.generation.speculative import capture_hidden
 from nanoqwen.model import SparseMoE
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.train.trainer import TrainConfig, Trainer
+from test_engine import GREEDY, random_model
 from test_model import max_diff
 from test_qwen3_next import hf_config, hf_model
 
@@ -136,3 +139,82 @@ def test_routers_start_normalised_and_experts_evenly_chosen(corpus_rows):
         load = torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=16).float()
         share = load / load.mean()
         assert share.min() > 0.3 and share.max() < 2.0, share
+
+
+def mtp_reference_drafts(model, text: list[int], k: int) -> list[int]:
+    """The k drafts of the definition, uncached: the head over every position of the text with the main model's
+    hidden states (t reads token t+1), then chained on its own outputs, each step a full causal forward."""
+    with torch.no_grad(), capture_hidden(model) as hidden:
+        model(torch.tensor([text]))
+    h, embeds = hidden[0][:, :-1], model.model.embed_tokens(torch.tensor([text[1:]]))
+    drafts = []
+    for depth in range(k):
+        positions = torch.arange(h.shape[1])[None]
+        out, _ = model.mtp(embeds, h, *model.rope(positions, h.dtype), depth=depth)
+        drafts.append(int(model.lm_head(out[:, -1]).argmax()))
+        h = torch.cat((h, out[:, -1:]), dim=1)  # chained: the head's output is the next depth's hidden state
+        embeds = torch.cat((embeds, model.model.embed_tokens(torch.tensor([[drafts[-1]]]))), dim=1)
+    return drafts
+
+
+def copying_head(model):
+    """A main model that mostly repeats the token it reads (its lm_head is its embedding, its layers add little),
+    and an MTP head that hands the main model's hidden state through (fc picks it, the layer adds nothing): it
+    drafts the token the main model chose at the position before, right whenever the text repeats a token."""
+    H = model.config.hidden_size
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        for name, p in model.model.named_parameters():
+            if "o_proj" in name or "out_proj" in name or "down_proj" in name:
+                p.mul_(0.1)
+        model.mtp.fc.weight.copy_(torch.cat((torch.zeros(H, H), torch.eye(H)), dim=1))
+        for name, p in model.mtp.named_parameters():
+            if "o_proj" in name or "down_proj" in name or "norm" in name:
+                p.zero_()
+    return model
+
+
+def test_mtp_drafts_follow_the_definition_with_the_cache_in_step(tok):
+    """Each step's drafts equal the uncached definition over the text so far: the head's keys of kept tokens are
+    the true ones, those of rejected drafts are gone (a random head: most drafts are rejected)."""
+    model = random_model(hybrid=True, num_nextn_predict_layers=1)
+    engine = Engine(model, tok, batch_size=1, max_len=64, speculative="mtp", num_speculative_tokens=3)
+    seen, draft = [], engine.drafter.draft
+
+    def recorded(slots):
+        row = engine.rows[slots[0]]
+        drafts = draft(slots)
+        seen.append((row.request.prompt_ids + row.token_ids, drafts[slots[0]]))
+        return drafts
+    engine.drafter.draft = recorded
+    generate_batch(model, tok, [list(range(30, 50))], max_new_tokens=20, engine=engine, **GREEDY)
+    assert len(seen) > 3
+    for text, drafts in seen:
+        assert drafts == mtp_reference_drafts(model, text, 3)
+
+
+@pytest.mark.parametrize("head", ["random", "copying"])
+def test_mtp_speculative_steps_give_the_plain_tokens(tok, head):
+    """Greedy and seeded sampling with penalties, rows of different lengths, a pool small enough to preempt rows:
+    the tokens of plain decoding; the copying head's drafts are often right (random models repeat themselves)."""
+    model = random_model(hybrid=True, num_nextn_predict_layers=1)
+    if head == "copying":
+        copying_head(model)
+    prompts = [[1, 2, 3, 1, 2, 3, 1, 2], list(range(20, 34)), [5, 6], [9]]
+    for knobs in (GREEDY, dict(temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=3)):
+        for batch_size, num_blocks in ((2, None), (3, 8)):
+            plain = Engine(model, tok, batch_size=batch_size, max_len=64)
+            reference = [r.token_ids for r in generate_batch(model, tok, prompts, max_new_tokens=30, engine=plain,
+                                                             **knobs)]
+            engine = Engine(model, tok, batch_size=batch_size, max_len=64, speculative="mtp",
+                            num_speculative_tokens=3, num_blocks=num_blocks)
+            assert [r.token_ids for r in generate_batch(model, tok, prompts, max_new_tokens=30, engine=engine,
+                                                        **knobs)] == reference
+            assert engine.drafted > 0 and (engine.preemptions > 0) == (num_blocks is not None)
+            if head == "copying" and knobs is GREEDY:
+                assert engine.accepted > engine.drafted / 3 and engine.launches < plain.launches
+
+
+def test_mtp_drafts_need_a_head(tok):
+    with pytest.raises(ValueError, match="multi-token-prediction head"):
+        Engine(random_model(hybrid=True), tok, speculative="mtp")
