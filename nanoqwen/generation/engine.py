@@ -109,6 +109,11 @@ class Engine:
         """The most tokens (prompt and answer) one row can hold: max_len, or less when the pool is smaller."""
         return min(self.max_len, (self.cache.pool.num_blocks - 1) * self.block_size)
 
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Speculative decoding: the share of drafted tokens the rows kept (None before any draft)."""
+        return self.accepted / self.drafted if self.drafted else None
+
     # --- rows ---
     def free_slots(self) -> list[int]:
         return [i for i, row in enumerate(self.rows) if row is None]
