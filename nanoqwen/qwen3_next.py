@@ -14,6 +14,7 @@ training, a drafter for speculative decoding (generation/speculative.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,9 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, past: torch.Tensor | None
     into another document."""
     B, T, C = x.shape
     K = weight.shape[-1]
+    if CAUSAL_CONV1D is not None and x.is_cuda and past is None and document_ids is None:
+        out = CAUSAL_CONV1D(x.transpose(1, 2).to(weight.dtype), weight[:, 0], None, activation=None)
+        return out.transpose(1, 2), F.pad(x.transpose(1, 2).to(weight.dtype), (K - 1, 0))
     x = x.transpose(1, 2).to(weight.dtype)
     past = past.to(x.dtype) if past is not None else x.new_zeros(B, C, K - 1)
     full = torch.cat((past, x), dim=-1)  # (B, C, K-1+T)
@@ -89,6 +93,47 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, past: torch.Tensor | None
             F.pad(document_ids[:, lag:] == document_ids[:, :-lag], (lag, 0), value=False)
         out += weight[:, 0, K - 1 - lag, None] * full[:, :, K - 1 - lag:K - 1 - lag + T] * same[:, None, :]
     return out.transpose(1, 2), full
+
+
+def _optional_kernels():
+    """flash-linear-attention's gated delta rule and causal-conv1d's conv (`pip install nanoqwen[gpu]`), used on
+    CUDA when installed (NANOQWEN_FLA=0 keeps the PyTorch path); None where missing."""
+    if os.environ.get("NANOQWEN_FLA", "1") == "0":
+        return None, None
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        delta = (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule)
+    except ImportError:
+        delta = None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        causal_conv1d_fn = None
+    return delta, causal_conv1d_fn
+
+
+FLA_DELTA_RULE, CAUSAL_CONV1D = _optional_kernels()
+
+
+def _kernel_delta_rule(q, k, v, g, beta, initial_state, document_ids):
+    """The gated delta rule by flash-linear-attention's kernels (same contract as gated_delta_rule, no recording):
+    fused recurrent for one token, chunked otherwise; packed documents become variable-length sequences."""
+    chunk, recurrent = FLA_DELTA_RULE
+    B, T, H = v.shape[:3]
+    q, k = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (q, k))
+    if document_ids is None:
+        fn = recurrent if T == 1 else chunk
+        o, state = fn(q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=True,
+                      use_qk_l2norm_in_kernel=True)
+        return o.to(v.dtype), state.float(), None
+    # one flat sequence of all rows, cut where a document (or a row) starts: every piece starts from zero
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    cu_seqlens = F.pad(starts.reshape(-1).nonzero()[:, 0], (0, 1), value=B * T)
+    flat = [t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g, beta)]
+    o, _ = chunk(*flat[:3], g=flat[3], beta=flat[4], output_final_state=False, cu_seqlens=cu_seqlens,
+                 use_qk_l2norm_in_kernel=True)
+    return o.view(B, T, H, -1).to(v.dtype), None, None
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +152,9 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, document_ids=None, ch
     token, or n=1, is the recurrence itself (decoding, speculative steps); longer inputs go chunk by chunk: inside a
     chunk the C sequential updates collapse into a triangular solve (the WY/UT form of DeltaNet), then one matmul
     carries the state across the chunk."""
+    if FLA_DELTA_RULE is not None and v.is_cuda and not record_every and \
+            (document_ids is None or initial_state is None):
+        return _kernel_delta_rule(q, k, v, g, beta, initial_state, document_ids)
     with torch.autocast(v.device.type, enabled=False):  # the state stays fp32 under bf16 autocast too
         return _gated_delta_rule(q, k, v, g, beta, initial_state, document_ids, chunk_size, record_every)
 
