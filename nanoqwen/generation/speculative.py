@@ -169,6 +169,22 @@ class MTPDrafter:
             return drafts
         self._grow()
         engine, cache = self.engine, self.engine.cache
+        h, position = self._catch_up(slots)
+        for depth in range(self.k):
+            token = self.model.lm_head(h)[..., :engine.token_limit].argmax(-1)  # (rows, 1)
+            for i, slot in enumerate(slots):
+                drafts[slot].append(int(token[i, 0]))
+            if depth + 1 < self.k:
+                position = position + 1
+                if int(position.max()) >= cache.max_blocks * engine.block_size:
+                    break  # past the block table (the drafts would be cut to the rows' room anyway)
+                h = self._run(slots, token, h, position, None, depth=depth + 1)
+        return drafts
+
+    def _catch_up(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the head over each row's recorded positions (its true keys); returns the output at each row's last
+        one (rows, 1, H), whose logits give the first draft, and that position (rows, 1)."""
+        engine = self.engine
         starts = [self.pending[s][0] for s in slots]
         counts = [self.pending[s][1].shape[0] for s in slots]
         hidden = torch.nn.utils.rnn.pad_sequence([self.pending[s][1] for s in slots], batch_first=True)
@@ -180,26 +196,17 @@ class MTPDrafter:
         positions = device_tensor(starts, torch.long, engine.device)[:, None] + \
             torch.arange(hidden.shape[1], device=engine.device)
         out = self._run(slots, tokens.to(engine.device), hidden, positions, lengths, depth=0)
-        last = lengths - 1
-        h = out[torch.arange(len(slots), device=engine.device), last][:, None]  # (rows, 1, H)
-        position = positions.gather(1, last[:, None])
-        for depth in range(self.k):
-            token = self.model.lm_head(h)[..., :engine.token_limit].argmax(-1)  # (rows, 1)
-            for i, slot in enumerate(slots):
-                drafts[slot].append(int(token[i, 0]))
-            if depth + 1 < self.k:
-                position = position + 1
-                h = self._run(slots, token, h, position, None, depth=depth + 1)
         for slot in slots:
             del self.pending[slot]
-        return drafts
+        last = lengths - 1
+        return out[torch.arange(len(slots), device=engine.device), last][:, None], positions.gather(1, last[:, None])
 
     def _run(self, slots, tokens, hidden, positions, lengths, depth: int) -> torch.Tensor:
         """The head over (rows, T) tokens and the hidden states before them, its keys into the rows' blocks."""
-        engine, cache = self.engine, self.engine.cache
+        engine = self.engine
         index = device_tensor(slots, torch.long, engine.device)
         width = int(positions.max()) // engine.block_size + 1
-        view = paged_view(self.layers, cache.table[index, :width], positions, engine.block_size, index, lengths)
+        view = paged_view(self.layers, engine.cache.table[index, :width], positions, engine.block_size, index, lengths)
         cos, sin = self.model.rope(positions, hidden.dtype)
         out, _ = self.model.mtp(self.model.model.embed_tokens(tokens), hidden, cos, sin, view.attention_mask, view,
                                 depth=depth)
