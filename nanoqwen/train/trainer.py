@@ -2,7 +2,8 @@
 
 A stage supplies a model, a batch source (any iterator of batch dicts; if it has state_dict/load_state_dict its
 position is checkpointed) and optionally a loss function `loss_fn(model, batch, expert_counter) -> (mean loss,
-number of target tokens)`; micro-batches weigh by their label count (1 each when a batch has no labels). The
+number of target tokens[, {name: a loss logged apart, e.g. mtp_loss}])`; micro-batches weigh by their label count
+(1 each when a batch has no labels). The
 Trainer owns the rest: AdamW with weight-decay groups, the LR schedule, gradient
 accumulation and clipping, bf16 autocast on GPU (fp32 on CPU), FSDP2/DDP under torchrun, logging and checkpoints.
 
