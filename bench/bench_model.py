@@ -103,11 +103,11 @@ def hybrid_peers(config, dtype, device):
 
     def theirs():
         weights = ours().state_dict()
-        with torch.device("meta"):
+        with torch.device(device):
             model = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(
-                **config.to_dict(), attn_implementation="sdpa"))
-        model.load_state_dict(weights, strict=True, assign=True)
-        return model.to(device, dtype)
+                **config.to_dict(), attn_implementation="sdpa")).to(dtype)
+        model.load_state_dict(weights, strict=True)
+        return model
     return ours, theirs
 
 
