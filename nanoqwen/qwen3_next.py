@@ -403,8 +403,10 @@ class Qwen3NextForCausalLM(Qwen3ForCausalLM):
     def mtp_loss(self, hidden, input_ids, labels, position_ids=None, attention_mask=None, document_ids=None):
         """Mean over the head's depths d of the loss of predicting token t+2+d at each position t, chained as
         drafting chains it. hidden: the main model's final normed hidden states (B, T, H). Targets in another
-        document than position t are ignored."""
+        document than position t are ignored. Each depth's summed loss is divided by the batch's next-token targets
+        (not its own, a few fewer): micro-batches and ranks then add up exactly as for the main loss."""
         B, T = input_ids.shape
+        next_token_targets = (labels[:, 1:] != -100).sum().clamp(min=1)
         if position_ids is None:
             position_ids = _document_positions(document_ids) if document_ids is not None else \
                 torch.arange(T, device=input_ids.device)[None].expand(B, T)
@@ -422,7 +424,8 @@ class Qwen3NextForCausalLM(Qwen3ForCausalLM):
             if document_ids is not None:
                 other = document_ids[:, 2 + depth:1 + depth + L] != document_ids[:, :L - 1]
                 target = torch.cat((target[:, :1], target[:, 1:].masked_fill(other, -100)), dim=1)
-            losses.append(causal_lm_loss(h, self.lm_head.weight, target))
+            share = (target[:, 1:] != -100).sum() / next_token_targets
+            losses.append(causal_lm_loss(h, self.lm_head.weight, target) * share)
         return torch.stack(losses).mean() if losses else hidden.new_zeros((), dtype=torch.float32)
 
 

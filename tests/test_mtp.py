@@ -77,10 +77,12 @@ def test_mtp_head_loads_runs_as_defined_and_saves_under_the_released_names(tmp_p
         positions = torch.arange(39)[None].expand(2, -1)
         got, _ = ours.mtp(ours.model.embed_tokens(ids[:, 1:]), h, *ours.rope(positions, h.dtype))
         assert max_diff(ours.lm_head(got), expected) < 1e-4
-        # the training loss of the head is the cross-entropy of those logits against x[t+2]
+        # the training loss of the head: the summed cross-entropy of those logits against x[t+2], over the
+        # batch's next-token targets (2 x 39)
         ours.train()
         loss = ours(ids, labels=ids).mtp_loss
-        assert abs(loss.item() - F.cross_entropy(expected[:, :-1].reshape(-1, 160), ids[:, 2:].reshape(-1))) < 1e-4
+        summed = F.cross_entropy(expected[:, :-1].reshape(-1, 160), ids[:, 2:].reshape(-1), reduction="sum")
+        assert abs(loss.item() - summed.item() / 78) < 1e-4
     save_model(ours, str(tmp_path / "ours"))
     saved = load_file(tmp_path / "ours" / "model.safetensors")
     assert {n for n in saved if n.startswith("mtp.")} == set(mtp)
