@@ -2,7 +2,7 @@
 the same model, the same prompts, greedy, one run. Every method gives exactly the tokens of plain decoding (checked
 here); the drafts only change how many forwards it takes.
 
-    python bench/bench_mtp.py --model runs/mtp/stage1      # a hybrid pre-trained with the MTP loss (see docs)
+    python bench/bench_mtp.py --model runs/mtp/stage1 --tasks arithmetic --languages en   # trained with the MTP loss
     python bench/bench_mtp.py                              # a random nano-next-d4: timings only, drafts rejected
 
 Prompts are the first half of held-out documents of the embedded corpus (task problems with their worked answers,
@@ -19,16 +19,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from nanoqwen import data  # noqa: E402
+from nanoqwen import data, tasks  # noqa: E402
 from nanoqwen.checkpoint import load, load_model  # noqa: E402
 from nanoqwen.generation import Engine, generate_batch  # noqa: E402
 from nanoqwen.tokenizer import train_tokenizer  # noqa: E402
 
 
-def held_out_prompts(tok, n: int, max_prompt: int) -> list[list[int]]:
-    """The first half (at most max_prompt tokens) of n held-out documents of the embedded corpus."""
+def held_out_prompts(tok, n: int, max_prompt: int, task_filter: dict) -> list[list[int]]:
+    """The first half (at most max_prompt tokens) of n held-out documents of the embedded corpus (only task
+    documents of the filtered families when a filter is given)."""
     prompts = []
-    for document in data.synthetic_corpus("test", 7):
+    for document in data.synthetic_corpus("test", 7, prose_weight=0.0 if task_filter else 1.0, **task_filter):
         ids = tok.encode(document)
         if len(ids) >= 16:
             prompts.append(ids[:min(len(ids) // 2, max_prompt)])
@@ -54,6 +55,8 @@ def main():
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 3], help="draft tokens per step")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tasks", default=None, help="task families, comma-separated (default: all, and prose)")
+    ap.add_argument("--languages", default=None, help="comma-separated: en,zh,fr (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model is None:
@@ -64,7 +67,8 @@ def main():
         model, tok = load(args.model, device="cpu")
     if getattr(model, "mtp", None) is None:
         raise SystemExit(f"{args.model}: the model has no multi-token-prediction head")
-    prompts = held_out_prompts(tok, args.prompts, 96)
+    task_filter = tasks.parse_filter(args.tasks, None, args.languages) if args.tasks or args.languages else {}
+    prompts = held_out_prompts(tok, args.prompts, 96, task_filter)
     n_tokens = len(prompts) * args.new_tokens
     print(f"{args.model or 'random nano-next-d4'}: {len(prompts)} held-out prompts of "
           f"{sum(map(len, prompts)) / len(prompts):.0f} tokens (mean), {args.new_tokens} new tokens each, greedy, "
