@@ -6,8 +6,12 @@
 
 A training step is forward + backward + fused AdamW on the next-token loss. MFU counts 6 * params + 6 * layers *
 heads * head_dim * seq FLOPs per token (causal attention), the convention behind "transformers: 19.6% MFU".
+The hybrid (Qwen3-Next layer shapes) shares its weights with transformers in memory instead of through a saved
+checkpoint, and runs three variants, so `--only hybrid --device cuda` fits in about 3 minutes; both sides use
+flash-linear-attention and causal-conv1d when installed (`pip install nanoqwen[gpu]`), which the header reports.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -81,22 +85,54 @@ def random_checkpoint(config, dtype) -> tempfile.TemporaryDirectory:
     return tmp
 
 
+def hybrid_peers(config, dtype, device):
+    """Builders of our hybrid and of transformers' with the same weights, copied in memory: a saved checkpoint of
+    the Qwen3-Next shape is GBs of random numbers (minutes to write and read). transformers v5 keeps the experts
+    stacked as we do, so the state dicts match name for name (the MTP head aside: transformers has none)."""
+    import transformers
+    config = dataclasses.replace(config, num_nextn_predict_layers=0)
+
+    def ours():
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = model_class(config)(config)
+        model.to_empty(device=device)
+        model.tie_weights()
+        model.init_weights()
+        return model.to(dtype)
+
+    def theirs():
+        weights = ours().state_dict()
+        with torch.device(device):
+            model = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(
+                **config.to_dict(), attn_implementation="sdpa")).to(dtype)
+        model.load_state_dict(weights, strict=True)
+        return model
+    return ours, theirs
+
+
 def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile_ours):
-    tmp = random_checkpoint(config, dtype)
     x = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     fpt, peak = flops_per_token(config, seq), device_peak(device)
     peak = peak[1] if peak else None
 
     # (label, builder, attention backends or None for SDPA's default choice)
-    ours = lambda: nanoqwen.load_model(tmp.name, dtype=dtype, device=device)  # noqa: E731
+    if config.is_hybrid:
+        tmp = None
+        ours, theirs = hybrid_peers(config, dtype, device)
+    else:
+        tmp = random_checkpoint(config, dtype)
+        ours = lambda: nanoqwen.load_model(tmp.name, dtype=dtype, device=device)  # noqa: E731
+        theirs = lambda: transformers_model(tmp.name, config, dtype, device)  # noqa: E731
     variants = [("nanoqwen", ours, None)]
     if compile_ours:
         from torch.nn.attention import SDPBackend
-        variants += [("nanoqwen+compile", lambda: compile_blocks(ours()), None),
-                     ("nanoqwen+compile+cudnn", lambda: compile_blocks(ours()),
-                      [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])]
-    variants.append(("transformers", lambda: transformers_model(tmp.name, config, dtype, device), None))
-    if config.is_moe:  # transformers' per-expert loop, for reference (its default is grouped_mm)
+        variants.append(("nanoqwen+compile", lambda: compile_blocks(ours()), None))
+        if not config.is_hybrid:  # (the hybrid has one attention layer in four: cuDNN attention matters little)
+            variants.append(("nanoqwen+compile+cudnn", lambda: compile_blocks(ours()),
+                             [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]))
+    variants.append(("transformers", theirs, None))
+    if config.is_moe and not config.is_hybrid:  # transformers' per-expert loop, for reference (default: grouped_mm)
         variants.append(("transformers-eager-experts",
                          lambda: transformers_model(tmp.name, config, dtype, device, experts="eager"), None))
     results = {}
@@ -117,7 +153,8 @@ def run_case(name, config, batch, seq, dtype, device, steps, warmup, compile_our
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-    tmp.cleanup()
+    if tmp is not None:
+        tmp.cleanup()
     print(f"\n## {name}: batch {batch} x seq {seq}, {str(dtype).replace('torch.', '')}, {device}, "
           f"{config.num_parameters() / 1e6:.1f}M params ({config.num_parameters(active_only=True) / 1e6:.1f}M active)")
     print(f"{'implementation':26s} {'mode':11s} {'tokens/s':>12s} {'vs transformers':>16s} {'MFU':>7s}")
@@ -156,8 +193,11 @@ def main():
         kind = lambda c: "hybrid" if c.is_hybrid else "moe" if c.is_moe else "dense"  # noqa: E731
         cases = [case for case in cases if kind(case[1]) == args.only]
     import transformers
+    from nanoqwen import qwen3_next
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else f" ({os.cpu_count()} cores)"))
+          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else f" ({os.cpu_count()} cores)")
+          + f", flash-linear-attention {'yes' if qwen3_next.FLA_DELTA_RULE else 'no'}, causal-conv1d "
+          + ("yes" if qwen3_next.CAUSAL_CONV1D else "no"))
     for name, config, batch, seq in cases:
         run_case(name, config, batch, seq, dtype, device, steps, warmup, compile_ours)
 

@@ -84,6 +84,14 @@ def _weight_files(path: str) -> list[str]:
     raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
 
 
+def _tensor_names(files: list[str]) -> list[str]:
+    names = []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            names += list(f.keys())
+    return names
+
+
 def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides) -> Qwen3ForCausalLM:
     """A model from an HF checkpoint folder, or a randomly initialised one from a preset name.
 
@@ -107,6 +115,9 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
     if config_overrides:  # checked as the file's own fields are
         config = with_overrides(config, **config_overrides)
     files = _weight_files(path_or_preset)
+    if config.num_nextn_predict_layers and not any(n.startswith("mtp.") for n in _tensor_names(files)):
+        # a config that declares the MTP head over weights saved without it (transformers drops `mtp.*`)
+        config = with_overrides(config, num_nextn_predict_layers=0)
     dtype = dtype or _DTYPES.get(str(config.torch_dtype).replace("torch.", ""), torch.float32)
     with torch.device("meta"):
         model = model_class(config)(config)
@@ -126,8 +137,8 @@ def load_model(path_or_preset: str, dtype=None, device=None, **config_overrides)
                 if target_name not in params:
                     if config.tie_word_embeddings and name == "lm_head.weight":
                         continue  # a tied checkpoint that also stores the head: the embedding is the weight
-                    if config.is_hybrid and name.startswith("mtp."):
-                        continue  # Qwen3-Next's multi-token-prediction head: not part of the model (as transformers)
+                    if config.is_hybrid and not config.num_nextn_predict_layers and name.startswith("mtp."):
+                        continue  # an MTP head the config.json does not declare (no mtp_num_hidden_layers): left out
                     raise KeyError(f"{file}: unexpected tensor {name!r} (not part of a {config.model_type} model "
                                    f"with this config.json)")
                 target = params[target_name][index] if index else params[target_name]

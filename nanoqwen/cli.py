@@ -142,8 +142,9 @@ def _add_cache_flags(p) -> None:
 
 
 def _add_speculative_flags(p) -> None:
-    p.add_argument("--speculative", choices=["ngram"], default=None,
-                   help="speculative decoding: ngram drafts from the text so far (prompt lookup); same tokens, sooner")
+    p.add_argument("--speculative", choices=["ngram", "mtp"], default=None,
+                   help="speculative decoding: ngram drafts from the text so far (prompt lookup), mtp from "
+                        "Qwen3-Next's multi-token-prediction head; same tokens, sooner")
     p.add_argument("--num-speculative-tokens", type=_positive_int, default=3, help="draft tokens checked per step")
 
 

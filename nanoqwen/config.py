@@ -67,6 +67,10 @@ class Qwen3Config:
     linear_num_key_heads: int = 16
     linear_num_value_heads: int = 32
     shared_expert_intermediate_size: int = 0
+    # multi-token prediction (Qwen3-Next's `mtp.*` head; released config.json files call the count
+    # mtp_num_hidden_layers): layers of the head, and the weight of its loss beside the next-token loss in training
+    num_nextn_predict_layers: int = 0
+    mtp_loss_weight: float = 0.3
 
     def __post_init__(self):
         check_fields(self)
@@ -86,6 +90,9 @@ class Qwen3Config:
             if self.linear_num_value_heads % self.linear_num_key_heads:
                 raise ValueError(f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
                                  f"linear_num_key_heads ({self.linear_num_key_heads})")
+        if self.num_nextn_predict_layers and not self.is_hybrid:
+            raise ValueError(f"num_nextn_predict_layers = {self.num_nextn_predict_layers}: the multi-token-prediction "
+                             "head is part of qwen3_next models only")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -155,6 +162,8 @@ class Qwen3Config:
         base = dict({"qwen3_moe": _MOE_DEFAULTS, "qwen3_next": _NEXT_DEFAULTS}.get(model_type, {}))
         if "num_local_experts" in d and "num_experts" not in d:
             d["num_experts"] = d["num_local_experts"]
+        if "mtp_num_hidden_layers" in d and "num_nextn_predict_layers" not in d:
+            d["num_nextn_predict_layers"] = d["mtp_num_hidden_layers"]
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d["dtype"]
         rope_parameters = d.get("rope_parameters")
@@ -190,6 +199,7 @@ class Qwen3Config:
             del d["dual_chunk_attention_config"]
         if self.is_hybrid:
             d["architectures"] = ["Qwen3NextForCausalLM"]
+            d["mtp_num_hidden_layers"] = self.num_nextn_predict_layers  # the released files' name for it
             return d
         moe = self.is_moe
         d["architectures"] = ["Qwen3MoeForCausalLM" if moe else "Qwen3ForCausalLM"]
@@ -222,6 +232,12 @@ class Qwen3Config:
             else:
                 mlp = 3 * H * self.intermediate_size
             total += (linear if self.is_linear_layer(i) else attn) + mlp + 2 * H
+        if self.num_nextn_predict_layers:  # the MTP head: two norms, fc (2H -> H), full-attention layers, a norm
+            mlp = (H * self.num_experts + 3 * H * self.moe_intermediate_size *
+                   (self.num_experts_per_tok if active_only else self.num_experts) +
+                   (3 * H * self.shared_expert_intermediate_size + H if self.shared_expert_intermediate_size else 0)
+                   ) if self.is_moe else 3 * H * self.intermediate_size
+            total += 3 * H + 2 * H * H + self.num_nextn_predict_layers * (attn + mlp + 2 * H)
         return total
 
 
@@ -289,6 +305,8 @@ FIELD_RULES = {
     "linear_conv_kernel_dim": _integer(1), "linear_key_head_dim": _integer(1), "linear_value_head_dim": _integer(1),
     "linear_num_key_heads": _integer(1), "linear_num_value_heads": _integer(1),
     "shared_expert_intermediate_size": _integer(0),
+    "num_nextn_predict_layers": _integer(0),
+    "mtp_loss_weight": _number(lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -371,7 +389,7 @@ _NEXT_DEFAULTS = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layer
 
 _NEXT_ONLY_FIELDS = ("layer_types", "full_attention_interval", "partial_rotary_factor", "linear_conv_kernel_dim",
                      "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
-                     "shared_expert_intermediate_size")
+                     "shared_expert_intermediate_size", "num_nextn_predict_layers", "mtp_loss_weight")
 
 _MOE_ONLY_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                     "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "output_router_logits")
@@ -421,7 +439,7 @@ def small_config(depth: int, vocab_size: int = 8192, moe: bool = False, max_posi
     The MoE variant keeps the active FFN size of the dense one: 8 experts, top-2, each 1.5x hidden, so the two can be
     compared at equal active parameters. The hybrid (Qwen3-Next) variant is that MoE with a shared expert of 1.5x
     hidden (experts then 0.75x), 3 Gated DeltaNet layers per gated attention layer (heads of 32, twice as many value
-    heads as key heads), and RoPE on a quarter of head_dim."""
+    heads as key heads), RoPE on a quarter of head_dim, and a one-layer multi-token-prediction head."""
     hidden = 64 * depth
     heads = max(2, hidden // 64)
     cfg = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=depth,
@@ -434,7 +452,7 @@ def small_config(depth: int, vocab_size: int = 8192, moe: bool = False, max_posi
         cfg.update(model_type="qwen3_next", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=hidden * 3 // 4,
                    shared_expert_intermediate_size=hidden * 3 // 2, norm_topk_prob=True, partial_rotary_factor=0.25,
                    linear_num_key_heads=max(1, hidden // 64), linear_num_value_heads=max(2, hidden // 32),
-                   linear_key_head_dim=32, linear_value_head_dim=32)
+                   linear_key_head_dim=32, linear_value_head_dim=32, num_nextn_predict_layers=1)
     return Qwen3Config(**cfg)
 
 

@@ -8,16 +8,22 @@ decays towards 0 in training). The MoE adds a shared expert scaled by `sigmoid(s
 
 Everything else is the Qwen3 model of model.py: embedding, RoPE, the cache protocol, the MoE experts, losses. Names mirror
 the HF checkpoint, so it loads and saves through checkpoint.py as the others do. The multi-token-prediction head that
-released checkpoints carry (`mtp.*`) is not part of this model (transformers does not load it either).
+released checkpoints carry (`mtp.*`, which transformers does not load) is `MultiTokenPredictor`: an auxiliary loss in
+training, a drafter for speculative decoding (generation/speculative.py).
 """
 from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Qwen3Config
-from .model import MLP, Attention, Qwen3ForCausalLM, Qwen3Model, SparseMoE
+from .model import (MLP, Attention, CausalLMOutput, Qwen3ForCausalLM, Qwen3Model, SparseMoE, _attention_mask,
+                    _document_positions, causal_lm_loss)
 
 
 class ZeroCenteredRMSNorm(nn.Module):
@@ -73,6 +79,9 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, past: torch.Tensor | None
     into another document."""
     B, T, C = x.shape
     K = weight.shape[-1]
+    if CAUSAL_CONV1D is not None and x.is_cuda and past is None and document_ids is None:
+        out = CAUSAL_CONV1D(x.transpose(1, 2).to(weight.dtype), weight[:, 0], None, activation=None)
+        return out.transpose(1, 2), F.pad(x.transpose(1, 2).to(weight.dtype), (K - 1, 0))
     x = x.transpose(1, 2).to(weight.dtype)
     past = past.to(x.dtype) if past is not None else x.new_zeros(B, C, K - 1)
     full = torch.cat((past, x), dim=-1)  # (B, C, K-1+T)
@@ -84,6 +93,47 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, past: torch.Tensor | None
             F.pad(document_ids[:, lag:] == document_ids[:, :-lag], (lag, 0), value=False)
         out += weight[:, 0, K - 1 - lag, None] * full[:, :, K - 1 - lag:K - 1 - lag + T] * same[:, None, :]
     return out.transpose(1, 2), full
+
+
+def _optional_kernels():
+    """flash-linear-attention's gated delta rule and causal-conv1d's conv (`pip install nanoqwen[gpu]`), used on
+    CUDA when installed (NANOQWEN_FLA=0 keeps the PyTorch path); None where missing."""
+    if os.environ.get("NANOQWEN_FLA", "1") == "0":
+        return None, None
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        delta = (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule)
+    except ImportError:
+        delta = None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        causal_conv1d_fn = None
+    return delta, causal_conv1d_fn
+
+
+FLA_DELTA_RULE, CAUSAL_CONV1D = _optional_kernels()
+
+
+def _kernel_delta_rule(q, k, v, g, beta, initial_state, document_ids):
+    """The gated delta rule by flash-linear-attention's kernels (same contract as gated_delta_rule, no recording):
+    fused recurrent for one token, chunked otherwise; packed documents become variable-length sequences."""
+    chunk, recurrent = FLA_DELTA_RULE
+    B, T, H = v.shape[:3]
+    q, k = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (q, k))
+    if document_ids is None:
+        fn = recurrent if T == 1 else chunk
+        o, state = fn(q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=True,
+                      use_qk_l2norm_in_kernel=True)
+        return o.to(v.dtype), state.float(), None
+    # one flat sequence of all rows, cut where a document (or a row) starts: every piece starts from zero
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    cu_seqlens = F.pad(starts.reshape(-1).nonzero()[:, 0], (0, 1), value=B * T)
+    flat = [t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, g, beta)]
+    o, _ = chunk(*flat[:3], g=flat[3], beta=flat[4], output_final_state=False, cu_seqlens=cu_seqlens,
+                 use_qk_l2norm_in_kernel=True)
+    return o.view(B, T, H, -1).to(v.dtype), None, None
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +152,9 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None, document_ids=None, ch
     token, or n=1, is the recurrence itself (decoding, speculative steps); longer inputs go chunk by chunk: inside a
     chunk the C sequential updates collapse into a triangular solve (the WY/UT form of DeltaNet), then one matmul
     carries the state across the chunk."""
+    if FLA_DELTA_RULE is not None and v.is_cuda and not record_every and \
+            (document_ids is None or initial_state is None):
+        return _kernel_delta_rule(q, k, v, g, beta, initial_state, document_ids)
     with torch.autocast(v.device.type, enabled=False):  # the state stays fp32 under bf16 autocast too
         return _gated_delta_rule(q, k, v, g, beta, initial_state, document_ids, chunk_size, record_every)
 
@@ -233,16 +286,18 @@ class SharedExpertMoE(SparseMoE):
 
 
 class HybridDecoderLayer(nn.Module):
-    def __init__(self, config: Qwen3Config, layer_idx: int):
+    def __init__(self, config: Qwen3Config, layer_idx: int, mtp: bool = False):
+        """mtp: a layer of the multi-token-prediction head (full attention, MoE when the model has experts);
+        layer_idx is then its cache slot past the model's layers."""
         super().__init__()
         self.input_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.is_linear = config.is_linear_layer(layer_idx)
+        self.is_linear = not mtp and config.is_linear_layer(layer_idx)
         if self.is_linear:
             self.linear_attn = GatedDeltaNet(config, layer_idx)
         else:
             self.self_attn = GatedAttention(config, layer_idx)
         self.post_attention_layernorm = ZeroCenteredRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.is_sparse = config.is_sparse_layer(layer_idx)
+        self.is_sparse = config.is_moe if mtp else config.is_sparse_layer(layer_idx)
         self.mlp = SharedExpertMoE(config) if self.is_sparse else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask=None, cache=None, fused=None, valid=None, document_ids=None, dual_chunk=None):
@@ -261,13 +316,54 @@ class Qwen3NextModel(Qwen3Model):
     layer_class, norm_class = HybridDecoderLayer, ZeroCenteredRMSNorm
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-token prediction
+
+@dataclass
+class HybridLMOutput(CausalLMOutput):
+    mtp_loss: torch.Tensor | None = None  # the MTP head's loss, unscaled (`loss` holds it times mtp_loss_weight)
+
+
+class MultiTokenPredictor(nn.Module):
+    """The multi-token-prediction head (`mtp.*`): from the main model's final hidden state at t (after its norm) and
+    the embedding of token t+1, hidden states whose lm_head logits predict token t+2:
+    fc(cat(norm_e(embed(x[t+1])), norm_h(h[t]))) -> a full-attention decoder layer with the MoE -> norm.
+    Embedding and lm_head are the main model's. Chained for drafts, the output is the next depth's h; depth d
+    runs layer d % num_nextn_predict_layers (as vLLM). Layer i keeps its keys in cache layer num_hidden_layers + i."""
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.pre_fc_norm_embedding = ZeroCenteredRMSNorm(H, eps)
+        self.pre_fc_norm_hidden = ZeroCenteredRMSNorm(H, eps)
+        self.fc = nn.Linear(2 * H, H, bias=False)
+        self.layers = nn.ModuleList(HybridDecoderLayer(config, config.num_hidden_layers + i, mtp=True)
+                                    for i in range(config.num_nextn_predict_layers))
+        self.norm = ZeroCenteredRMSNorm(H, eps)
+
+    def forward(self, embeds, hidden, cos, sin, mask=None, cache=None, depth: int = 0):
+        """embeds (B, T, H): the tokens one past those `hidden` (B, T, H) were computed at. Returns the normed
+        hidden states (B, T, H) and the layer's router logits (None without experts)."""
+        x = self.fc(torch.cat((self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)), dim=-1))
+        x, router_logits = self.layers[depth % len(self.layers)](x, cos, sin, mask, cache)
+        return self.norm(x), router_logits
+
+
 class Qwen3NextForCausalLM(Qwen3ForCausalLM):
-    """Qwen3-Next causal LM: the same interface as Qwen3ForCausalLM (forward, losses, the cache protocol)."""
+    """Qwen3-Next causal LM: the same interface as Qwen3ForCausalLM (forward, losses, the cache protocol), plus the
+    multi-token-prediction head `mtp` when config.num_nextn_predict_layers > 0. In training (labels given, train
+    mode) its loss joins the main one: loss = next-token loss + router aux + mtp_loss_weight * mtp_loss."""
     backbone = Qwen3NextModel
+
+    def __init__(self, config: Qwen3Config):
+        super().__init__(config)
+        self.mtp = MultiTokenPredictor(config) if config.num_nextn_predict_layers else None
+        self._mtp_batch = None  # what the MTP loss needs of the batch, set by forward for head
 
     def init_weights(self) -> None:
         """As transformers: Normal(0, initializer_range) for matrices and the conv, zero-centred norm weights 0,
-        the DeltaNet output norm 1, dt_bias 1, A = exp(A_log) uniform in (0.01, 16)."""
+        the DeltaNet output norm 1, dt_bias 1, A = exp(A_log) uniform in (0.01, 16). Routers: see
+        normalise_routers."""
         super().init_weights()
         with torch.no_grad():
             for module in self.modules():
@@ -276,6 +372,7 @@ class Qwen3NextForCausalLM(Qwen3ForCausalLM):
                 elif isinstance(module, GatedDeltaNet):
                     module.dt_bias.fill_(1.0)
                     module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0.01, 16).log())
+        normalise_routers(self)
 
     def layer_inputs(self, T: int, attention_mask, document_ids, cache) -> dict:
         # the DeltaNet layers zero padding (never the one new token of a decode step) and restart at documents
@@ -283,3 +380,63 @@ class Qwen3NextForCausalLM(Qwen3ForCausalLM):
             return dict(valid=cache.valid, document_ids=document_ids)
         valid = attention_mask.bool() if attention_mask is not None and T > 1 else None
         return dict(valid=valid, document_ids=document_ids)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, document_ids=None, cache=None, labels=None,
+                **rest):
+        wants_mtp = labels is not None and cache is None and self.training and self.mtp is not None and \
+            self.config.mtp_loss_weight > 0
+        self._mtp_batch = (input_ids, labels, position_ids, attention_mask, document_ids) if wants_mtp else None
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, document_ids, cache, labels, **rest)
+        finally:
+            self._mtp_batch = None
+
+    def head(self, x, labels, attention_mask, *rest, **kwargs):
+        out = super().head(x, labels, attention_mask, *rest, **kwargs)
+        if self._mtp_batch is None:
+            return out
+        mtp_loss = self.mtp_loss(self.model.norm(x), *self._mtp_batch)
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        fields["loss"] = out.loss + self.config.mtp_loss_weight * mtp_loss
+        return HybridLMOutput(**fields, mtp_loss=mtp_loss)
+
+    def mtp_loss(self, hidden, input_ids, labels, position_ids=None, attention_mask=None, document_ids=None):
+        """Mean over the head's depths d of the loss of predicting token t+2+d at each position t, chained as
+        drafting chains it. hidden: the main model's final normed hidden states (B, T, H). Targets in another
+        document than position t are ignored. Each depth's summed loss is divided by the batch's next-token targets
+        (not its own, a few fewer): micro-batches and ranks then add up exactly as for the main loss."""
+        B, T = input_ids.shape
+        next_token_targets = (labels[:, 1:] != -100).sum().clamp(min=1)
+        if position_ids is None:
+            position_ids = _document_positions(document_ids) if document_ids is not None else \
+                torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        embeds, losses, h = self.model.embed_tokens(input_ids), [], hidden
+        for depth in range(self.config.num_nextn_predict_layers):
+            L = T - 1 - depth  # positions t whose token t+1+depth is known
+            if L < 2:
+                break
+            docs = document_ids[:, :L] if document_ids is not None else None
+            mask = _attention_mask(attention_mask[:, :L] if attention_mask is not None else None, docs, L,
+                                   input_ids.device)
+            cos, sin = self.rope(position_ids[:, :L], h.dtype)
+            h, _ = self.mtp(embeds[:, 1 + depth:1 + depth + L], h[:, :L], cos, sin, mask, depth=depth)
+            target = labels[:, 1 + depth:1 + depth + L]  # causal_lm_loss shifts once more: t predicts t+2+depth
+            if document_ids is not None:
+                other = document_ids[:, 2 + depth:1 + depth + L] != document_ids[:, :L - 1]
+                target = torch.cat((target[:, :1], target[:, 1:].masked_fill(other, -100)), dim=1)
+            share = (target[:, 1:] != -100).sum() / next_token_targets
+            losses.append(causal_lm_loss(h, self.lm_head.weight, target) * share)
+        return torch.stack(losses).mean() if losses else hidden.new_zeros((), dtype=torch.float32)
+
+
+def normalise_routers(model: nn.Module) -> None:
+    """Every router row (one expert's gate vector) scaled to the same norm, std * sqrt(hidden): with random normal
+    rows an expert whose row came out longer has a wider logit spread and wins the top-k more often, for every input
+    alike. Equal norms make each expert's logit equally spread, so all start equally chosen (the Qwen3-Next notes:
+    router parameters initialised normalised, so each expert is selected unbiasedly early in training)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SparseMoE):
+                w = module.gate.weight
+                target = model.config.initializer_range * w.shape[1] ** 0.5
+                w.mul_(target / w.float().norm(dim=1, keepdim=True).clamp(min=1e-12).to(w.dtype))

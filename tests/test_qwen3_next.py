@@ -14,6 +14,7 @@ from nanoqwen.checkpoint import load_model, model_class, save_model
 from nanoqwen.config import Qwen3Config, get_preset
 from nanoqwen.model import Qwen3ForCausalLM
 from nanoqwen.generation.cache_manager import PagedCache
+from nanoqwen import qwen3_next
 from nanoqwen.qwen3_next import gated_delta_rule
 from nanoqwen.train.trainer import TrainConfig, Trainer
 from test_model import cached_forward, max_diff, perturbed
@@ -205,3 +206,32 @@ def test_trains_with_packed_documents_and_decays_its_norms(tmp_path):
     assert id(model.model.layers[0].linear_attn.norm.weight) not in decayed
     losses = [trainer.train_step()["loss"] for _ in range(30)]
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+
+
+@pytest.mark.skipif(qwen3_next.FLA_DELTA_RULE is None or not torch.cuda.is_available(),
+                    reason="needs CUDA and flash-linear-attention (pip install nanoqwen[gpu])")
+def test_kernel_delta_rule_equals_the_pytorch_path_on_gpu(monkeypatch):
+    """flash-linear-attention's chunked and fused-recurrent kernels (and causal-conv1d when installed) against the
+    PyTorch path, the reference: a whole model's logits, cached decoding, packed documents and gradients."""
+    torch.manual_seed(0)
+    model = load_model("nano-next-d4", vocab_size=160, device="cuda").eval()
+    ids = torch.randint(0, 160, (2, 150), device="cuda")
+    docs = torch.arange(150, device="cuda").div(50, rounding_mode="floor").expand(2, -1)
+
+    def run():
+        model.zero_grad()
+        logits = model(ids).logits
+        loss = model(ids, labels=ids, document_ids=docs).loss
+        loss.backward()
+        cache = PagedCache(model, rows=2, max_len=160)
+        with torch.no_grad():
+            decoded = [cached_forward(model, cache, ids[:, :100], 0).logits[:, -1]]
+            decoded += [cached_forward(model, cache, ids[:, t:t + 1], t).logits[:, -1] for t in range(100, 110)]
+        return logits.detach(), loss.detach(), model.model.layers[0].linear_attn.in_proj_qkvz.weight.grad.clone(), \
+            torch.stack(decoded)
+    kernels = run()
+    monkeypatch.setattr(qwen3_next, "FLA_DELTA_RULE", None)
+    monkeypatch.setattr(qwen3_next, "CAUSAL_CONV1D", None)
+    reference = run()
+    for got, expected in zip(kernels, reference):
+        assert max_diff(got, expected) < 2e-3 * max(1.0, expected.abs().max().item())

@@ -91,7 +91,7 @@ def generate_batch(model, tokenizer, prompts: list, params: SamplingParams | Non
     token's logprob and its k best alternatives in result.logprobs / chunk.logprobs. Pass an Engine to reuse its
     cache (and, on CUDA, its compiled decode step) across calls. progress: a label for a bar of finished answers
     with tok/s and ETA, drawn when stderr is a terminal. speculative="ngram" drafts num_speculative_tokens tokens
-    per step by prompt lookup, checked in one forward: the same tokens, sooner. block_size, num_blocks,
+    per step by prompt lookup ("mtp": by Qwen3-Next's MTP head), checked in one forward: the same tokens, sooner. block_size, num_blocks,
     kv_cache_memory_bytes, enable_prefix_caching: the paged KV cache (see Engine); without an engine, the last
     one is reused when it fits, so its prefix cache serves the next call (the next turn of a chat).
     response_format ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}) and

@@ -26,7 +26,7 @@ from .decode import DecodeStep
 from .grammar import mask_logits
 from .request import BUDGET_PHRASE, START, Chunk, Request, Row
 from .sampling import Sampler, device_tensor
-from .speculative import draft_tokens, speculative_step
+from .speculative import MTPDrafter, capture_hidden, draft_tokens, speculative_step
 
 
 @dataclass
@@ -59,14 +59,16 @@ class Engine:
     turned off while a row asks for logprobs. fuse_projections (default: models of at most 1B parameters) runs
     q/k/v and gate/up as one matmul each over stacked copies of the weights. speculative="ngram" makes each step
     read num_speculative_tokens drafted tokens per row as well (prompt lookup) and keep those the row would have
-    chosen anyway: the tokens of plain decoding, in fewer steps (eager, not pipelined)."""
+    chosen anyway: the tokens of plain decoding, in fewer steps (eager, not pipelined); speculative="mtp" drafts them
+    with Qwen3-Next's multi-token-prediction head instead."""
 
     def __init__(self, model, tokenizer, batch_size: int = 1, max_len: int | None = None, compile: bool | None = None,
                  pipeline: bool | None = None, speculative: str | None = None, num_speculative_tokens: int = 3,
                  fuse_projections: bool | None = None, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory_bytes: int | None = None, enable_prefix_caching: bool = True):
-        if speculative not in (None, "ngram"):
-            raise ValueError(f"speculative must be 'ngram' (prompt lookup) or None, got {speculative!r}")
+        if speculative not in (None, "ngram", "mtp"):
+            raise ValueError(f"speculative must be 'ngram' (prompt lookup), 'mtp' (Qwen3-Next's multi-token-prediction "
+                             f"head) or None, got {speculative!r}")
         if speculative and num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.model, self.tokenizer = model, tokenizer
@@ -94,6 +96,7 @@ class Engine:
         fuse = model.config.num_parameters() <= 1e9 if fuse_projections is None else fuse_projections
         self.decoder = DecodeStep(model, self.static, fuse, [self.tokens, self.live] + self.cache.buffers())
         self.launches = self.drafted = self.accepted = 0  # decode steps; speculative drafts proposed and kept
+        self.drafter = MTPDrafter(self) if speculative == "mtp" else None  # else drafts come from draft()
         self.preempted: list[int] = []  # rows set aside for want of blocks, first out first back
         self.preemptions = 0
         self._admitted: dict[int, int] = {}  # row -> admission number (the newest row is preempted first)
@@ -106,6 +109,11 @@ class Engine:
     def capacity(self) -> int:
         """The most tokens (prompt and answer) one row can hold: max_len, or less when the pool is smaller."""
         return min(self.max_len, (self.cache.pool.num_blocks - 1) * self.block_size)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Speculative decoding: the share of drafted tokens the rows kept (None before any draft)."""
+        return self.accepted / self.drafted if self.drafted else None
 
     # --- rows ---
     def free_slots(self) -> list[int]:
@@ -183,7 +191,7 @@ class Engine:
     def _prefill(self, wave: list) -> list[Chunk]:
         slots, prompts = [slot for slot, _ in wave], [request.prompt_ids for _, request in wave]
         starts = [self.cache.admit(slot, prompt) for slot, prompt in zip(slots, prompts)]
-        logits = self.cache.prefill(slots, prompts, starts, self.decoder.fused)
+        logits = self._run_prefill(slots, prompts, starts)
         for slot, request in wave:
             self.rows[slot] = Row(request, self.tokenizer, self.budget_ids)
             self.sampler.set_row(slot, request.params, request.prompt_ids)
@@ -191,6 +199,17 @@ class Engine:
             self._admitted[slot] = self._admissions
         self.live[slots] = True
         return self.choose(slots, logits)
+
+    def _run_prefill(self, slots: list[int], prompts: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """The cache's prefill; with MTP drafts, the prompts' hidden states go to the drafter."""
+        if self.drafter is None:
+            return self.cache.prefill(slots, prompts, starts, self.decoder.fused)
+        with capture_hidden(self.model) as hidden:
+            logits = self.cache.prefill(slots, prompts, starts, self.decoder.fused)
+        hidden = torch.cat(hidden, dim=1)
+        for i, (slot, prompt, start) in enumerate(zip(slots, prompts, starts)):
+            self.drafter.record(slot, start, hidden[i, :len(prompt) - start])
+        return logits
 
     def _check_weights(self) -> None:
         """Cached keys are stale once the weights change (a training step between rollouts): forget them."""
@@ -228,7 +247,7 @@ class Engine:
             if self.cache.blocks_needed(tokens, 1) > self.cache.pool.available():
                 return
             self.preempted.pop(0)
-            self.cache.prefill([slot], [tokens], [self.cache.admit(slot, tokens)], self.decoder.fused)
+            self._run_prefill([slot], [tokens], [self.cache.admit(slot, tokens)])
             self.tokens[slot] = row.token_ids[-1]
             self._override.pop(slot, None)
             self.live[slot] = True

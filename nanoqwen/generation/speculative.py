@@ -1,5 +1,5 @@
-"""Speculative decoding with prompt-lookup drafts: several tokens per row from one forward, the tokens of plain
-decoding all the same.
+"""Speculative decoding with prompt-lookup or multi-token-prediction drafts: several tokens per row from one forward,
+the tokens of plain decoding all the same.
 
 Each row reads its next token followed by its drafted ones at consecutive positions, then keeps the drafts up to
 the first one that differs from what it chooses at that position from the model's logits. The choice is the one a
@@ -7,12 +7,16 @@ plain step would make (the same sampler, penalties, forced tokens and random dra
 plain decoding, seeded sampling included; a good draft only makes them come faster. A row's keys past what it kept
 are simply overwritten by its next step (they lie beyond its length, masked until then); a DeltaNet state goes back
 to its value after the last kept token.
+
+Drafts come from prompt lookup ("ngram": the text so far) or from Qwen3-Next's MTP head ("mtp", `MTPDrafter`).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .cache import paged_view
+from .cache import KVCache, paged_view
 from .sampling import device_tensor
 
 
@@ -47,14 +51,16 @@ def draft_tokens(row, k: int) -> list[int]:
 def speculative_step(engine) -> list:
     """One speculative step of every decoding row of `engine`; returns the chunks produced."""
     cache = engine.cache
-    drafts = {}
-    for slot in engine.decoding_slots():  # no draft may run past the row's room
-        drafts[slot] = engine.draft(slot)[:max(0, engine.max_len - 1 - cache.lengths[slot])]
+    drafts = engine.drafter.draft(engine.decoding_slots()) if engine.drafter else \
+        {slot: engine.draft(slot) for slot in engine.decoding_slots()}
+    for slot in drafts:  # no draft may run past the row's room
+        drafts[slot] = drafts[slot][:max(0, engine.max_len - 1 - cache.lengths[slot])]
     engine.reserve({slot: len(draft) + 1 for slot, draft in drafts.items()})  # may preempt the newest rows
     slots = engine.decoding_slots()
     drafts = {slot: drafts[slot] for slot in slots}
     rows = [engine.rows[slot] for slot in slots]
-    logits = _forward(engine, slots, drafts)
+    with capture_hidden(engine.model) if engine.drafter else contextlib.nullcontext() as hidden:
+        logits = _forward(engine, slots, drafts)
     kept = torch.zeros(len(slots), dtype=torch.long)  # drafts kept per row
     chunks, active = [], list(range(len(slots)))
     for j in range(logits.shape[1]):  # position j chooses the token after the j-th fed one, as plain decoding would
@@ -68,6 +74,10 @@ def speculative_step(engine) -> list:
         active = going
         if not active:
             break
+    if engine.drafter:  # the main model's hidden states at the fed tokens it kept, for the MTP head's next step
+        for i, (slot, row) in enumerate(zip(slots, rows)):
+            if engine.rows[slot] is row:
+                engine.drafter.record(slot, cache.lengths[slot], hidden[0][i, :int(kept[i]) + 1])
     _keep(engine, slots, rows, kept)
     engine.drafted += sum(map(len, drafts.values()))
     engine.accepted += int(kept.sum())
@@ -105,3 +115,104 @@ def _keep(engine, slots: list[int], rows: list, kept: torch.Tensor) -> None:
             cache.lengths[slot] += n + 1
             cache.positions[slot] += n + 1
     engine.launches += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drafts from Qwen3-Next's multi-token-prediction head
+
+@contextlib.contextmanager
+def capture_hidden(model):
+    """Inside: the list holds the final normed hidden states (B, T, H) of each forward of `model`, all positions
+    (the input of its lm_head, which the MTP head reads)."""
+    captured = []
+    hook = model.model.layers[-1].register_forward_hook(lambda module, inputs, out: captured.append(out[0]))
+    try:
+        yield captured
+    finally:
+        hook.remove()
+        captured[:] = [model.model.norm(h) for h in captured]
+
+
+class MTPDrafter:
+    """k drafts per row chained through the MTP head (models/qwen3_next.MultiTokenPredictor), over its own KV cache.
+
+    The head's position t reads the main model's hidden state at t and token t+1, so its key at t can be written once
+    token t+1 is chosen. Each row keeps the main model's hidden states it has not caught up on (`record`): from the
+    prefill, then the kept tokens of each step. A draft step first runs the head over those (true keys, written in
+    the row's blocks; the last output predicts the first draft), then chains k-1 more single-token steps on its own
+    outputs. The chained keys sit past the row's caught-up length and are overwritten by the next catch-up, so
+    rejected drafts leave nothing behind. The head's keys share the engine's block table (a slot per position)."""
+
+    def __init__(self, engine):
+        model = engine.model
+        if getattr(model, "mtp", None) is None:
+            raise ValueError("speculative='mtp' needs a model with a multi-token-prediction head (a Qwen3-Next "
+                             "checkpoint with mtp.* weights, or a nano-next-* preset)")
+        self.engine, self.model, self.k = engine, model, engine.num_speculative_tokens
+        c, p = model.config, model.lm_head.weight
+        self.layers = {c.num_hidden_layers + i: KVCache(engine.cache.grown, engine.block_size, c.num_key_value_heads,
+                                                        c.head_dim, p.dtype, p.device)
+                       for i in range(c.num_nextn_predict_layers)}
+        self.pending: dict[int, tuple[int, torch.Tensor]] = {}  # slot -> (first position, hidden states from it)
+
+    def record(self, slot: int, start: int, hidden: torch.Tensor) -> None:
+        """The main model's final hidden states (n, H) of a row's positions start..start+n-1 (after a prefill, or
+        the kept tokens of a step), for the next draft step to catch up on."""
+        self.pending[slot] = (start, hidden)
+
+    @torch.no_grad()
+    def draft(self, slots: list[int]) -> dict[int, list[int]]:
+        """Up to k draft tokens for each row: catch up on its recorded positions, then chain."""
+        slots = [s for s in slots if s in self.pending]
+        drafts = {s: [] for s in self.engine.decoding_slots()}
+        if not slots:
+            return drafts
+        self._grow()
+        engine, cache = self.engine, self.engine.cache
+        h, position = self._catch_up(slots)
+        for depth in range(self.k):
+            token = self.model.lm_head(h)[..., :engine.token_limit].argmax(-1)  # (rows, 1)
+            for i, slot in enumerate(slots):
+                drafts[slot].append(int(token[i, 0]))
+            if depth + 1 < self.k:
+                position = position + 1
+                if int(position.max()) >= cache.max_blocks * engine.block_size:
+                    break  # past the block table (the drafts would be cut to the rows' room anyway)
+                h = self._run(slots, token, h, position, None, depth=depth + 1)
+        return drafts
+
+    def _catch_up(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the head over each row's recorded positions (its true keys); returns the output at each row's last
+        one (rows, 1, H), whose logits give the first draft, and that position (rows, 1)."""
+        engine = self.engine
+        starts = [self.pending[s][0] for s in slots]
+        counts = [self.pending[s][1].shape[0] for s in slots]
+        hidden = torch.nn.utils.rnn.pad_sequence([self.pending[s][1] for s in slots], batch_first=True)
+        tokens = torch.zeros(len(slots), hidden.shape[1], dtype=torch.long)
+        for i, (slot, start, n) in enumerate(zip(slots, starts, counts)):  # the token after each position
+            row = engine.rows[slot]
+            tokens[i, :n] = torch.tensor((row.request.prompt_ids + row.token_ids)[start + 1:start + 1 + n])
+        lengths = device_tensor(counts, torch.long, engine.device)
+        positions = device_tensor(starts, torch.long, engine.device)[:, None] + \
+            torch.arange(hidden.shape[1], device=engine.device)
+        out = self._run(slots, tokens.to(engine.device), hidden, positions, lengths, depth=0)
+        for slot in slots:
+            del self.pending[slot]
+        last = lengths - 1
+        return out[torch.arange(len(slots), device=engine.device), last][:, None], positions.gather(1, last[:, None])
+
+    def _run(self, slots, tokens, hidden, positions, lengths, depth: int) -> torch.Tensor:
+        """The head over (rows, T) tokens and the hidden states before them, its keys into the rows' blocks."""
+        engine = self.engine
+        index = device_tensor(slots, torch.long, engine.device)
+        width = int(positions.max()) // engine.block_size + 1
+        view = paged_view(self.layers, engine.cache.table[index, :width], positions, engine.block_size, index, lengths)
+        cos, sin = self.model.rope(positions, hidden.dtype)
+        out, _ = self.model.mtp(self.model.model.embed_tokens(tokens), hidden, cos, sin, view.attention_mask, view,
+                                depth=depth)
+        return out
+
+    def _grow(self) -> None:
+        for layer in self.layers.values():  # the engine's block pool grew: so does the head's
+            if layer.k.shape[1] < self.engine.cache.grown:
+                layer.grow(self.engine.cache.grown)

@@ -153,6 +153,9 @@ class PretrainOptions(RunOptions):
     compile: bool = option(False, "torch.compile the model")
     activation_checkpointing: bool = option(False, "recompute activations in the backward pass")
     eval_every: int = option(0, "held-out loss every N steps (0: at the end)", check=AT_LEAST_0)
+    mtp_loss_weight: float | None = option(None, "weight of the multi-token-prediction loss beside the next-token "
+                                                 "loss (models with an MTP head: nano-next-*, Qwen3-Next; default: "
+                                                 "the config's, 0.3; 0 turns it off)", type=float, check=AT_LEAST_0)
     wandb: str | None = option(None, "log to wandb (when installed)", metavar="PROJECT")
     tensorboard: bool = option(False, "log to tensorboard (when installed)")
 
@@ -211,7 +214,17 @@ def run(o: PretrainOptions) -> str:
 
 def stage_model(o: PretrainOptions, tokenizer, small: bool):
     """Stage 1 from scratch (vocabulary sized to a trained tokenizer); later stages from the previous stage's final
-    weights, stage 3 with its RoPE base raised (ABF)."""
+    weights, stage 3 with its RoPE base raised (ABF). --mtp-loss-weight goes into the config (saved with it)."""
+    model = _stage_model(o, tokenizer, small)
+    if o.mtp_loss_weight is not None:
+        if not model.config.num_nextn_predict_layers:
+            raise ValueError(f"--mtp-loss-weight: {o.preset} has no multi-token-prediction head "
+                             "(nano-next-* presets and Qwen3-Next checkpoints have one)")
+        model.config.mtp_loss_weight = o.mtp_loss_weight
+    return model
+
+
+def _stage_model(o: PretrainOptions, tokenizer, small: bool):
     if o.stage == 1:
         overrides = dict(vocab_size=padded_vocab_size(tokenizer.vocab_size)) if small else {}
         torch.manual_seed(o.seed)

@@ -2,7 +2,8 @@
 
 A stage supplies a model, a batch source (any iterator of batch dicts; if it has state_dict/load_state_dict its
 position is checkpointed) and optionally a loss function `loss_fn(model, batch, expert_counter) -> (mean loss,
-number of target tokens)`; micro-batches weigh by their label count (1 each when a batch has no labels). The
+number of target tokens[, {name: a loss logged apart, e.g. mtp_loss}])`; micro-batches weigh by their label count
+(1 each when a batch has no labels). The
 Trainer owns the rest: AdamW with weight-decay groups, the LR schedule, gradient
 accumulation and clipping, bf16 autocast on GPU (fp32 on CPU), FSDP2/DDP under torchrun, logging and checkpoints.
 
@@ -98,9 +99,13 @@ def lr_multiplier(step: int, c: TrainConfig) -> float:
 
 
 def lm_loss(model, batch: dict, expert_counter=None):
-    """Next-token loss of a batch with input_ids, labels and (packed rows) document_ids; and its target count."""
-    loss = model(**batch, expert_counter=expert_counter).loss
-    return loss, (batch["labels"][:, 1:] != -100).sum()
+    """Next-token loss of a batch with input_ids, labels and (packed rows) document_ids; and its target count.
+    A Qwen3-Next model training its multi-token-prediction head adds its loss to the one returned and reports it
+    apart, as a third item {"mtp_loss": ...}, which the Trainer logs."""
+    out = model(**batch, expert_counter=expert_counter)
+    targets = (batch["labels"][:, 1:] != -100).sum()
+    mtp_loss = getattr(out, "mtp_loss", None)
+    return (out.loss, targets) if mtp_loss is None else (out.loss, targets, {"mtp_loss": mtp_loss})
 
 
 def flops_per_token(config, seq_len: int) -> float:
@@ -192,7 +197,7 @@ class Trainer:
         batches = [_to_device(next(self.train_iter), self.device) for _ in range(c.grad_accum)]
         t0 = time.perf_counter()
         pairs = sum(attended_pairs(b) for b in batches if torch.is_tensor(b.get("input_ids"))) * self.world_size
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum, logged = torch.zeros((), device=self.device), {}  # logged: losses a loss_fn reports apart
         tokens = sum(b["input_ids"].numel() for b in batches if torch.is_tensor(b.get("input_ids"))) * self.world_size
         # each micro-batch weighs by its target tokens (a batch without labels: by 1, a mean of means)
         counts = [(b["labels"][:, 1:] != -100).sum().float() if torch.is_tensor(b.get("labels"))
@@ -204,9 +209,11 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)
             sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else contextlib.nullcontext()
             with sync, self._autocast():
-                loss, _ = self.loss_fn(self.model, batch, self.expert_counter)
+                loss, _, *parts = self.loss_fn(self.model, batch, self.expert_counter)
                 (loss * counts[i] * self.world_size / total_targets).backward()  # DDP/FSDP average over ranks
             loss_sum += loss.detach().float() * counts[i]
+            for name, value in (parts[0] if parts else {}).items():
+                logged[name] = logged.get(name, 0) + value.detach().float() * counts[i]
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else 1e30)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.optimizer.param_groups[0]["lr"]
@@ -217,8 +224,9 @@ class Trainer:
             self.expert_counter.reset()
         loss_value = (_all_reduce(loss_sum) / total_targets).item()
         self.step += 1
-        return dict(step=self.step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), tokens=tokens,
-                    train_flops=training_flops(self.raw_model.config, tokens, int(pairs)), dt=time.perf_counter() - t0)
+        record = dict(step=self.step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), tokens=tokens,
+                      train_flops=training_flops(self.raw_model.config, tokens, int(pairs)), dt=time.perf_counter() - t0)
+        return record | {name: (_all_reduce(value) / total_targets).item() for name, value in logged.items()}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -230,7 +238,7 @@ class Trainer:
         for batch in self.eval_batches:
             batch = _to_device(batch, self.device)
             with self._autocast():
-                loss, n = self.loss_fn(self.model, batch, None)
+                loss, n = self.loss_fn(self.model, batch, None)[:2]
             total, count = total + loss.float() * n, count + n
         self.model.train()
         return (_all_reduce(total) / _all_reduce(count).clamp(min=1)).item()
@@ -283,6 +291,7 @@ class Trainer:
         line = (f"step {r['step']:6d}/{c.steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm "
                 f"{r['grad_norm']:.3f} | {r['tok_per_s']:,.0f} tok/s | MFU "
                 + (f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a") + f" | ETA {_duration(eta)}"
+                + (f" | mtp loss {r['mtp_loss']:.4f}" if "mtp_loss" in r else "")
                 + (f" | val loss {r['val_loss']:.4f}" if r.get("val_loss") is not None else ""))
         (bar.write if bar is not None else print)(line)
 
