@@ -21,6 +21,24 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 from nanoqwen.checkpoint import save_model
+
+
+def _import_schemathesis_now():
+    """schemathesis imports most of itself lazily, on the fuzzing test's first schema, and pytest compiles those
+    modules (it rewrites a plugin's asserts). CPython 3.11.7's AST constructor keeps its recursion depth in
+    interpreter-wide state, so a compile while the server's thread compiles too can end in "SystemError: AST
+    constructor recursion depth mismatch" (seen once in CI). Importing them here, at collection, before any server
+    thread exists, leaves nothing to compile later."""
+    from hypothesis import find
+    spec = {"openapi": "3.0.2", "info": {"title": "warm-up", "version": "1"}, "paths": {"/x": {"post": {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {"200": {"description": "ok"}}}}}}
+    for operation in schemathesis.openapi.from_dict(spec).get_all_operations():
+        for mode in ("positive", "negative"):
+            find(operation.ok().as_strategy(GenerationMode(mode)), lambda case: True)
+
+
+_import_schemathesis_now()
 from nanoqwen.checkpoint import load
 from nanoqwen.generation import BUDGET_PHRASE
 from nanoqwen.server import create_app
